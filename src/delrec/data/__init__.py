@@ -1,0 +1,7 @@
+"""Data: loading raw formats, preprocessing, splits and frozen candidate sets."""
+
+from delrec.data.candidates import CandidateSet, draw_candidates
+from delrec.data.dataset import PAD, SeqDataset
+from delrec.data.splits import Example, Split, make_split
+
+__all__ = ["PAD", "CandidateSet", "Example", "SeqDataset", "Split", "draw_candidates", "make_split"]

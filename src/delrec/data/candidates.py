@@ -1,0 +1,92 @@
+"""Frozen candidate sets: the target plus uniformly drawn negatives, seeded and saved.
+
+Negatives are drawn without replacement from items the user never interacted with (their whole known sequence is
+excluded, not just the prefix shown), so a candidate set holds no duplicates and no history item. Every model is
+scored on the same saved file; its content hash goes into every report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from delrec.data.dataset import SeqDataset
+from delrec.data.splits import Example
+from delrec.errors import ConfigError, DataError
+from delrec.io import atomic_path, sha256_bytes
+
+
+@dataclass
+class CandidateSet:
+    users: np.ndarray  # [N] user indices
+    targets: np.ndarray  # [N] target item indices
+    items: np.ndarray  # [N, C] candidate item indices (shuffled; the target appears exactly once)
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def size(self) -> int:
+        return int(self.items.shape[1])
+
+    @property
+    def target_pos(self) -> np.ndarray:
+        """[N] column of the target inside `items`."""
+        return np.argmax(self.items == self.targets[:, None], axis=1)
+
+    def hash(self) -> str:
+        return sha256_bytes(self.users.astype(np.int64).tobytes(), self.targets.astype(np.int64).tobytes(),
+                            self.items.astype(np.int64).tobytes())[:16]
+
+    def subset(self, rows: np.ndarray | list[int]) -> CandidateSet:
+        rows = np.asarray(rows, dtype=np.int64)
+        return CandidateSet(self.users[rows], self.targets[rows], self.items[rows], self.seed)
+
+    def save(self, path: str | Path) -> str:
+        """Write Parquet atomically; returns the content hash."""
+        df = pd.DataFrame({"user": self.users, "target": self.targets, "candidates": list(self.items)})
+        with atomic_path(path) as tmp:
+            df.to_parquet(tmp, index=False)
+        return self.hash()
+
+    @classmethod
+    def load(cls, path: str | Path, seed: int = -1) -> CandidateSet:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError("candidate file not found", file=path)
+        df = pd.read_parquet(path)
+        for col in ("user", "target", "candidates"):
+            if col not in df.columns:
+                raise DataError("missing column", file=path, field=col)
+        items = np.stack([np.asarray(c, dtype=np.int64) for c in df["candidates"]]) if len(df) else \
+            np.zeros((0, 0), dtype=np.int64)
+        cs = cls(df["user"].to_numpy(np.int64), df["target"].to_numpy(np.int64), items, seed)
+        bad = np.flatnonzero((cs.items == cs.targets[:, None]).sum(axis=1) != 1)
+        if len(bad):
+            raise DataError("target must appear exactly once among the candidates", file=path,
+                            line=int(bad[0]) + 1, field="candidates")
+        return cs
+
+
+def draw_candidates(examples: list[Example], dataset: SeqDataset, size: int = 20, seed: int = 0) -> CandidateSet:
+    """Target + ``size - 1`` negatives per example, reproducible for a given ``seed``."""
+    if size < 2:
+        raise ConfigError(f"candidate set size must be at least 2, got {size}", field="candidates.size")
+    rng = np.random.default_rng(seed)
+    all_items = np.arange(1, dataset.n_items + 1, dtype=np.int64)
+    rows = np.empty((len(examples), size), dtype=np.int64)
+    for r, ex in enumerate(examples):
+        seen = np.unique(np.concatenate([dataset.sequences[ex.user], [ex.target]]))
+        pool = np.setdiff1d(all_items, seen, assume_unique=True)
+        if len(pool) < size - 1:
+            raise ConfigError(f"user {dataset.user_ids[ex.user]!r} has only {len(pool)} unseen items; "
+                              f"cannot draw {size - 1} negatives", field="candidates.size")
+        cand = np.concatenate([[ex.target], rng.choice(pool, size - 1, replace=False)])
+        rows[r] = rng.permutation(cand)
+    users = np.array([ex.user for ex in examples], dtype=np.int64)
+    targets = np.array([ex.target for ex in examples], dtype=np.int64)
+    return CandidateSet(users, targets, rows, seed)
