@@ -98,8 +98,8 @@ def make_split(dataset: SeqDataset, kind: str = "user", seed: int = 42,
             raise DataError(f"user {dataset.user_ids[short[0]]!r} has fewer than 2 interactions; "
                             "raise preprocessing.min_seq_len", field="user_id")
         perm = np.random.default_rng(seed).permutation(n)
-        n_train = int(round(ratios[0] * n))
-        n_valid = int(round(ratios[1] * n))
+        n_train = round(ratios[0] * n)
+        n_valid = round(ratios[1] * n)
         return Split("user", seed, np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_valid]),
                      np.sort(perm[n_train + n_valid:]), dataset)
     if kind == "loo":

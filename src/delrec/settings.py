@@ -1,0 +1,197 @@
+"""Typed configuration from YAML, with errors that name the file, the line and the field.
+
+Each component owns a small dataclass (``DataConfig``, ``TeacherConfig``, ``DistillConfig`` …). This module turns
+nested dicts (a YAML file plus ``--set a.b=c`` overrides) into those dataclasses, checking every key and value type,
+and maps a bad key back to the line of the YAML file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from delrec.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def yaml_lines(text: str) -> dict[str, int]:
+    """Map dotted key paths (``finetune.lr``) to 1-based line numbers in a YAML document."""
+    out: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = f"{prefix}.{key.value}" if prefix else str(key.value)
+                out[path] = key.start_mark.line + 1
+                walk(value, path)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return out
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML mapping; returns (data, line numbers by dotted key)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text ({e.reason})", file=path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", file=path,
+                          line=None if mark is None else mark.line + 1) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping of sections", file=path, line=1)
+    return data, yaml_lines(text)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"finetune.lr=1e-4"`` → ``("finetune.lr", 1e-4)`` (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value", field="--set")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{p!r} is a value, not a section", field=key)
+        d = nxt
+    d[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build(cls: type[T], data: dict[str, Any] | None, *, prefix: str = "", file: str | Path | None = None,
+          lines: dict[str, int] | None = None, base: T | None = None) -> T:
+    """Instantiate dataclass ``cls`` from ``data``, checking keys and value types recursively.
+
+    ``base``: an instance whose values are the defaults (e.g. a profile); ``data`` overrides them.
+    """
+    lines = lines or {}
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping, got {type(data).__name__}", file=file, line=lines.get(prefix),
+                          field=prefix or None)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown setting; expected one of: {', '.join(fields)}", file=file,
+                              line=lines.get(path), field=path)
+        start = getattr(base, key) if base is not None else None
+        kwargs[key] = _coerce(hints[key], value, path, file, lines, start)
+    obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)  # type: ignore[type-var]
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError as e:
+            # Re-anchor the component's error on the YAML line of its field.
+            field = e.field or prefix
+            if prefix and e.field and not e.field.startswith(prefix + "."):
+                field = f"{prefix}.{e.field.split('.')[-1]}"
+            raise ConfigError(e.message, file=file, line=lines.get(field), field=field) from None
+    return obj
+
+
+def _coerce(tp: Any, value: Any, path: str, file: str | Path | None, lines: dict[str, int], start: Any) -> Any:
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"{why}, got {value!r}", file=file, line=lines.get(path), field=path)
+
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, path, file, lines, start)
+            except ConfigError as e:
+                errors.append(e)
+        raise fail("invalid value")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise fail(f"must be one of {', '.join(map(repr, get_args(tp)))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, prefix=path, file=file, lines=lines, base=start)  # type: ignore[arg-type]
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise fail("must be a list")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise fail(f"must be a list of {len(args)} values")
+            return tuple(_coerce(a, v, path, file, lines, None) for a, v in zip(args, value, strict=True))
+        item = args[0] if args else Any
+        coerced = [_coerce(item, v, path, file, lines, None) for v in value]
+        return tuple(coerced) if origin is tuple else coerced
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail("must be a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise fail("must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail("must be text")
+        return value
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass → plain dict (tuples as lists) for YAML/JSON dumps."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
