@@ -1,0 +1,182 @@
+"""The `delrec` command line. User mistakes print one line (file:line: field: message) and exit with status 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from delrec.errors import DelrecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="DELRec: distil sequential patterns from conventional recommenders into an LLM recommender.")
+data_app = typer.Typer(no_args_is_help=True, help="Load, preprocess and split a dataset into a run folder.")
+teacher_app = typer.Typer(no_args_is_help=True, help="Train teachers and export their top-k predictions.")
+app.add_typer(data_app, name="data")
+app.add_typer(teacher_app, name="teacher")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (profile defaults apply)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. --set finetune.max_steps=20")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="run folder (default runs/<dataset>-<profile>)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda | cuda:N | auto")]
+RunArg = Annotated[Path, typer.Argument(help="run folder")]
+
+
+def _config(config: Path | None, overrides: list[str] | None, device: str | None = None):  # type: ignore[no-untyped-def]
+    from delrec.pipeline import load_config
+
+    over = list(overrides or [])
+    if device is not None:
+        over.append(f"device={device}")
+    return load_config(config, over)
+
+
+def _default_out(cfg) -> Path:  # type: ignore[no-untyped-def]
+    return Path("runs") / f"{cfg.data.name}-{cfg.profile}"
+
+
+def _fresh(out: Path) -> None:
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+
+
+@app.command()
+def run(config: ConfigOpt = None, overrides: SetOpt = None, out: OutOpt = None, device: DeviceOpt = None,
+        fresh: Annotated[bool, typer.Option(help="delete the run folder first instead of resuming")] = False,
+        until: Annotated[str | None, typer.Option(help="stop after this stage: data|teachers|distill|finetune")] = None,
+        ) -> None:
+    """Run the whole pipeline (teachers → distill → AdaLoRA → evaluation → report); resumes an interrupted run."""
+    from delrec.pipeline import Run, run_pipeline
+
+    cfg = _config(config, overrides, device)
+    out = out or _default_out(cfg)
+    if fresh:
+        _fresh(out)
+    summary = run_pipeline(Run(out, cfg), until=until)
+    typer.echo(summary)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: Annotated[str | None, typer.Option(help="ml-100k | amazon-beauty | steam | … (data.name)")] = None,
+    path: Annotated[Path | None, typer.Option(help="folder or file with the raw data (data.path)")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="auto | movielens | recbole | amazon | steam | "
+                                                             "generic")] = None,
+    split: Annotated[str | None, typer.Option(help="user | loo")] = None,
+    config: ConfigOpt = None, overrides: SetOpt = None, out: OutOpt = None,
+) -> None:
+    """Load + preprocess a dataset, split it and freeze the candidate sets in a run folder."""
+    from delrec.pipeline import Run
+
+    over = list(overrides or [])
+    for key, value in (("data.name", dataset), ("data.path", path), ("data.format", fmt), ("split.kind", split)):
+        if value is not None:
+            over.append(f"{key}={value}")
+    cfg = _config(config, over)
+    r = Run(out or _default_out(cfg), cfg)
+    ds = r.prepare_data() if not r.done("data") else r.dataset
+    r.split  # noqa: B018  (writes split.json)
+    for part in ("valid", "test"):
+        r.candidates(part)  # type: ignore[arg-type]
+    typer.echo(f"{r.dir}: {ds.name} ({ds.source}) {ds.stats()}; split {r.split.kind}; candidates "
+               f"{r.manifest['candidates']}")
+
+
+@teacher_app.command("train")
+def teacher_train(run_dir: RunArg, model: Annotated[str, typer.Option(help="sasrec | gru4rec | caser")] = "sasrec",
+                  ) -> None:
+    """Train one teacher in RUN (resumes from its checkpoint) and evaluate it on the frozen test candidates."""
+    from delrec.pipeline import Run, teacher_stage
+
+    r = Run(run_dir)
+    row = teacher_stage(r, model)
+    typer.echo(f"{model}: {row['metrics']}")
+
+
+@teacher_app.command("predict")
+def teacher_predict(
+    run_dir: RunArg,
+    model: Annotated[str, typer.Option(help="sasrec | gru4rec | caser")] = "sasrec",
+    k: Annotated[int, typer.Option(help="top-k per user")] = 10,
+    part: Annotated[str, typer.Option(help="train | valid | test: which user prefixes")] = "train",
+    out: Annotated[Path | None, typer.Option(help="Parquet file (default RUN/teachers/<model>/topk_<part>"
+                                                  ".parquet)")] = None,
+) -> None:
+    """Export the teacher's top-k for the prefixes of one part of the split (rows aligned with users)."""
+    from delrec.pipeline import Run, export_teacher_topk
+
+    r = Run(run_dir)
+    path = export_teacher_topk(r, model, k=k, part=part, dest=out)
+    typer.echo(str(path))
+
+
+@app.command()
+def evaluate(runs: Annotated[list[Path], typer.Argument(help="run folders (or results JSON files)")]) -> None:
+    """Compare every model evaluated in the given runs; refuses results computed on different candidate files."""
+    from delrec.pipeline import collect_results
+
+    table = collect_results(runs)
+    typer.echo(table.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+@app.command()
+def recommend(
+    run_dir: RunArg,
+    user: Annotated[str | None, typer.Option(help="a user id of the run's dataset")] = None,
+    history: Annotated[str | None, typer.Option(help="titles separated by ';' (for a user not in the data)")] = None,
+    k: Annotated[int, typer.Option(help="how many items to return")] = 10,
+    candidates: Annotated[str | None, typer.Option(help="candidate titles separated by ';' (default: 20 drawn "
+                                                        "outside the history)")] = None,
+    all_items: Annotated[bool, typer.Option("--all-items", help="rank every item (slow)")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="show which history items moved the top pick")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Recommend the next items for a user or a typed history, optionally with an explanation."""
+    from delrec.recommend import DELRec, render_explanation, render_recommendations
+
+    model = DELRec.from_pretrained(run_dir, device=device)
+    if (user is None) == (history is None):
+        raise DelrecError("give exactly one of --user or --history", field="--user/--history")
+    hist = model.user_history(user) if user is not None else [t.strip() for t in (history or "").split(";")
+                                                                 if t.strip()]
+    cands = [t.strip() for t in candidates.split(";") if t.strip()] if candidates else None
+    if explain:
+        typer.echo(render_explanation(model.explain(hist, k=k, candidates=cands)))
+    else:
+        typer.echo(render_recommendations(model.recommend(hist, k=k, candidates=cands, all_items=all_items)))
+
+
+@app.command()
+def serve(run_dir: RunArg, host: str = "127.0.0.1", port: int = 8000, device: DeviceOpt = None) -> None:
+    """Serve /recommend, /explain, /health and a small web page over HTTP."""
+    from delrec.serve import serve as _serve
+
+    _serve(run_dir, host=host, port=port, device=device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors (exit 2) for user mistakes, tracebacks only for bugs."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except DelrecError as e:
+        typer.echo(f"error: {e.one_line()}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(e, click.ClickException):
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(2)
+        raise
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,554 @@
+"""`delrec run`: teachers → stage 1 (distill) → stage 2 (AdaLoRA) → evaluation, in one resumable run folder.
+
+Each stage records itself in ``manifest.json`` once its artifacts are written; rerunning the same command skips
+finished stages and lets the unfinished one resume from its own checkpoint. See docs/run-folder.md for the layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+from delrec.data import CandidateSet, DataConfig, SeqDataset, Split, draw_candidates, make_split, prepare_dataset
+from delrec.distill import DistillConfig
+from delrec.errors import ConfigError
+from delrec.finetune import FinetuneConfig
+from delrec.io import read_json, write_json, write_text
+from delrec.llm.backbone import BackboneConfig
+from delrec.llm.soft_prompt import SoftPromptConfig
+from delrec.settings import build, deep_merge, load_yaml, parse_override, set_dotted, to_dict
+from delrec.teachers import MODELS, TeacherConfig
+
+STAGES = ("data", "teachers", "distill", "finetune", "evaluate", "report")
+
+
+@dataclass
+class SplitConfig:
+    kind: Literal["user", "loo"] = "user"  # user: the paper's 80/10/10 users; loo: leave-one-out
+    seed: int = 42
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # user split only
+
+
+@dataclass
+class CandidateConfig:
+    size: int = 20  # target + size-1 negatives outside the user's history
+    seed: int = 2024
+    max_test: int | None = None  # subsample test examples (seeded) when the test set is too big to score
+    max_valid: int | None = 64  # validation examples used for early stopping of the LLM stages
+
+    def validate(self) -> None:
+        if self.size < 2:
+            raise ConfigError(f"must be at least 2, got {self.size}", field="candidates.size")
+        for name in ("max_test", "max_valid"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"must be positive or null, got {v}", field=f"candidates.{name}")
+
+
+@dataclass
+class TeachersConfig:
+    models: list[str] = field(default_factory=lambda: list(MODELS))  # teachers trained and reported
+    distill_from: str = "sasrec"  # whose pattern stage 1 distils (ablation: sasrec | gru4rec | caser)
+    top_k: int = 10  # teacher top-k exported for the RPS task
+    sasrec: TeacherConfig = field(default_factory=lambda: TeacherConfig(model="sasrec"))
+    gru4rec: TeacherConfig = field(default_factory=lambda: TeacherConfig(model="gru4rec"))
+    caser: TeacherConfig = field(default_factory=lambda: TeacherConfig(model="caser"))
+
+    def validate(self) -> None:
+        for m in self.models:
+            if m not in MODELS:
+                raise ConfigError(f"unknown teacher {m!r}; choose from {', '.join(MODELS)}", field="teachers.models")
+        if self.distill_from not in MODELS:
+            raise ConfigError(f"unknown teacher {self.distill_from!r}; choose from {', '.join(MODELS)}",
+                              field="teachers.distill_from")
+        if self.top_k < 1:
+            raise ConfigError(f"must be positive, got {self.top_k}", field="teachers.top_k")
+        for m in MODELS:
+            if getattr(self, m).model != m:
+                raise ConfigError(f"teachers.{m}.model must be {m!r}", field=f"teachers.{m}.model")
+
+    def config(self, name: str) -> TeacherConfig:
+        return getattr(self, name)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 4  # prompts scored together
+    length_norm: bool = True  # mean (True) or summed (False) token log-likelihood of a title
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"must be positive, got {self.batch_size}", field="evaluate.batch_size")
+
+
+@dataclass
+class RunConfig:
+    """Everything one DELRec run needs; `config.yaml` in the run folder is this, fully resolved."""
+
+    profile: Literal["cpu", "paper"] = "cpu"
+    seed: int = 42
+    device: str = "cpu"  # cpu | cuda | cuda:N — applied to the teachers and the backbone
+    log: Literal["none", "tensorboard"] = "none"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    soft_prompt: SoftPromptConfig = field(default_factory=SoftPromptConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}", field="device")
+
+
+def profile(name: str) -> RunConfig:
+    """The built-in presets: ``cpu`` finishes on a 2-core CPU; ``paper`` is the paper's setting (GPU)."""
+    if name == "cpu":
+        cfg = RunConfig(profile="cpu", soft_prompt=SoftPromptConfig(num_tokens=20),
+                        distill=DistillConfig.from_profile("cpu"), finetune=FinetuneConfig.from_profile("cpu"))
+        for m in MODELS:  # teachers converge in ~20–40 epochs on ML-100K; cap the tail
+            setattr(cfg.teachers, m, dataclasses.replace(cfg.teachers.config(m), epochs=60, patience=5))
+        return cfg
+    if name == "paper":
+        return RunConfig(profile="paper", backbone=BackboneConfig(name_or_path="google/flan-t5-xl", dtype="bfloat16"),
+                         device="cuda", soft_prompt=SoftPromptConfig(num_tokens=100),
+                         distill=DistillConfig.from_profile("paper"), finetune=FinetuneConfig.from_profile("paper"),
+                         evaluate=EvalConfig(batch_size=20), candidates=CandidateConfig(max_valid=None))
+    raise ConfigError(f"unknown profile {name!r}; choose cpu or paper", field="profile")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Profile defaults ← YAML file ← ``--set key=value`` overrides, validated with file:line:field errors."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    if path is not None:
+        data, lines = load_yaml(path)
+    over: dict[str, Any] = {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(over, key, value)
+    merged = deep_merge(data, over)
+    name = merged.get("profile", "cpu")
+    if not isinstance(name, str):
+        raise ConfigError(f"must be cpu or paper, got {name!r}", file=path, line=lines.get("profile"), field="profile")
+    try:
+        base = profile(name)
+    except ConfigError as e:
+        raise ConfigError(e.message, file=path, line=lines.get("profile"), field="profile") from None
+    cfg = build(RunConfig, merged, file=path, lines=lines, base=base)
+    return _propagate(cfg)
+
+
+def _propagate(cfg: RunConfig) -> RunConfig:
+    """Apply run-wide settings (device, seed) to the sections that use them."""
+    for m in MODELS:
+        setattr(cfg.teachers, m, dataclasses.replace(cfg.teachers.config(m), device=cfg.device))
+    cfg.backbone = dataclasses.replace(cfg.backbone, device="cuda" if cfg.device == "auto" and _cuda() else
+                                       ("cpu" if cfg.device == "auto" else cfg.device))
+    cfg.soft_prompt = dataclasses.replace(cfg.soft_prompt, teacher=TEACHER_NAMES[cfg.teachers.distill_from])
+    return cfg
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+TEACHER_NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser"}
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("delrec", "torch", "transformers", "peft", "accelerate", "numpy", "pandas", "pyarrow"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+class Run:
+    """A run folder: resolved config, manifest, and lazily loaded artifacts of each stage."""
+
+    def __init__(self, run_dir: str | Path, cfg: RunConfig | None = None, log: Callable[[str], None] = print) -> None:
+        self.dir = Path(run_dir)
+        self.say = log
+        cfg_file = self.dir / "config.yaml"
+        if cfg is None:
+            if not cfg_file.is_file():
+                raise ConfigError("not a run folder (no config.yaml)", file=self.dir)
+            cfg = load_config(cfg_file)
+        elif cfg_file.is_file():
+            saved = load_config(cfg_file)
+            if to_dict(saved) != to_dict(cfg):
+                changed = _first_difference(to_dict(saved), to_dict(cfg))
+                raise ConfigError(f"{self.dir} holds a run with a different configuration ({changed}); "
+                                  "choose another --out or pass --fresh", field=changed)
+        self.cfg = cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text(cfg_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.manifest: dict[str, Any] = read_json(self.dir / "manifest.json") if (
+            self.dir / "manifest.json").is_file() else {"stages": {}}
+        self.manifest["packages"] = package_versions()
+        self._dataset: SeqDataset | None = None
+        self._split: Split | None = None
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------------
+    def done(self, stage: str) -> bool:
+        return bool(self.manifest["stages"].get(stage, {}).get("done"))
+
+    def mark(self, stage: str, **info: Any) -> None:
+        self.manifest["stages"][stage] = {"done": True, **info}
+        write_json(self.dir / "manifest.json", self.manifest)
+
+    # --- data ----------------------------------------------------------------------------------------------------
+    @property
+    def dataset(self) -> SeqDataset:
+        if self._dataset is None:
+            if (self.dir / "data" / "dataset.json").is_file():
+                self._dataset = SeqDataset.load(self.dir / "data")
+            else:
+                self._dataset = self.prepare_data()
+        return self._dataset
+
+    def prepare_data(self) -> SeqDataset:
+        t0 = time.perf_counter()
+        ds = prepare_dataset(self.cfg.data)
+        ds.save(self.dir / "data")
+        self.say(f"data: {ds.name} from {ds.source}: {ds.stats()}")
+        self.manifest.update(data_source=ds.source, data_fingerprint=ds.fingerprint(), data_stats=ds.stats())
+        self.mark("data", seconds=round(time.perf_counter() - t0, 2))
+        return ds
+
+    @property
+    def split(self) -> Split:
+        if self._split is None:
+            path = self.dir / "split.json"
+            if path.is_file():
+                self._split = Split.from_dict(read_json(path), self.dataset)
+            else:
+                s = self.cfg.split
+                self._split = make_split(self.dataset, s.kind, s.seed, s.ratios)
+                write_json(path, self._split.to_dict())
+        return self._split
+
+    def candidates(self, part: Literal["valid", "test"]) -> CandidateSet:
+        """The frozen candidate file of ``part``; drawn once (seeded) and then always read back."""
+        path = self.dir / "candidates" / f"{part}.parquet"
+        if path.is_file():
+            cands = CandidateSet.load(path, seed=self.cfg.candidates.seed)
+        else:
+            c = self.cfg.candidates
+            examples = self.split.examples(part)
+            cap = c.max_test if part == "test" else c.max_valid
+            if cap is not None and len(examples) > cap:
+                keep = np.sort(np.random.default_rng(c.seed + 1).choice(len(examples), cap, replace=False))
+                examples = [examples[i] for i in keep]
+            seed = c.seed if part == "test" else c.seed + 7
+            cands = draw_candidates(examples, self.dataset, c.size, seed)
+            cands.save(path)
+        self.manifest.setdefault("candidates", {})[part] = {"hash": cands.hash(), "n": len(cands),
+                                                          "size": cands.size}
+        write_json(self.dir / "manifest.json", self.manifest)
+        return cands
+
+    def histories(self, part: Literal["valid", "test"], cands: CandidateSet) -> list[np.ndarray]:
+        from delrec.evaluate import histories_for
+
+        return histories_for(cands, self.split.examples(part))
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+    return prefix or "config"
+
+
+# --- stages ----------------------------------------------------------------------------------------------------------
+def _save_result(run: Run, name: str, result: Any, **extra: Any) -> dict[str, Any]:
+    """Write RUN/results/<name>.json (metrics, per-example ranks, timings) and RUN/predictions/<name>.parquet."""
+    from delrec.evaluate import save_predictions
+
+    test = run.candidates("test")
+    save_predictions(run.dir / "predictions" / f"{name}.parquet", result, run.dataset, test)
+    row = {**result.to_dict(), "infer_s": round(result.seconds, 2), **extra}
+    write_json(run.dir / "results" / f"{name}.json", row)
+    return row
+
+
+def teacher_stage(run: Run, name: str) -> dict[str, Any]:
+    """Train (or resume) one teacher, then score the frozen test candidates and full-rank the test targets."""
+    from delrec.evaluate import evaluate_scores
+    from delrec.teachers import SeqRecommender, full_ranks, score_candidates, train_teacher
+
+    if name not in MODELS:
+        raise ConfigError(f"unknown teacher {name!r}; choose from {', '.join(MODELS)}", field="teacher.model")
+    out = run.dir / "teachers" / name
+    key = f"teacher:{name}"
+    if run.done(key) and (run.dir / "results" / f"{name}.json").is_file():
+        return read_json(run.dir / "results" / f"{name}.json")
+    if (out / "history.json").is_file() and run.done(key + ":trained"):
+        model = SeqRecommender.from_pretrained(out / "model", device=run.cfg.teachers.config(name).device
+                                               .replace("auto", "cpu"))
+    else:
+        model = train_teacher(run.split, run.cfg.teachers.config(name), out)
+        run.mark(key + ":trained")
+    history = read_json(out / "history.json")
+    epochs = history.get("epochs", [])
+    train_s = float(sum(e.get("train_seconds", e.get("seconds", 0.0)) for e in epochs))
+    test = run.candidates("test")
+    t0 = time.perf_counter()
+    scores = score_candidates(model, run.histories("test", test), test.items)
+    result = evaluate_scores(scores, test, seconds=time.perf_counter() - t0)
+    ranks = full_ranks(model, run.split.examples("test"))
+    full = {"HR@10": float((ranks <= 10).mean()),
+            "NDCG@10": float(np.where(ranks <= 10, 1 / np.log2(ranks + 1.0), 0).mean())}
+    row = _save_result(run, name, result, train_s=round(train_s, 2), epochs=len(epochs),
+                       best_epoch=history.get("best_epoch"), full_ranking=full)
+    run.say(f"teacher {name}: HR@1 {row['metrics']['HR@1']['value']:.4f}  NDCG@5 "
+            f"{row['metrics']['NDCG@5']['value']:.4f}  full NDCG@10 {full['NDCG@10']:.4f}  ({train_s:.0f}s)")
+    run.mark(key, train_s=round(train_s, 2))
+    return row
+
+
+def export_teacher_topk(run: Run, name: str, k: int | None = None, part: str = "train",
+                        dest: Path | None = None) -> Path:
+    """The teacher's top-k for each prefix of ``part`` (train: each full training sequence), rows aligned."""
+    from delrec.teachers import SeqRecommender, export_topk, predict_topk
+
+    k = k or run.cfg.teachers.top_k
+    model_dir = run.dir / "teachers" / name / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"teacher {name!r} is not trained in {run.dir}; run `delrec teacher train` first",
+                          field="teacher.model")
+    model = SeqRecommender.from_pretrained(model_dir)
+    if part == "train":
+        users, histories = run.split.train_users, run.split.train_sequences
+    elif part in ("valid", "test"):
+        examples = run.split.examples(part)  # type: ignore[arg-type]
+        users, histories = np.array([e.user for e in examples]), [e.history for e in examples]
+    else:
+        raise ConfigError(f"must be train, valid or test, got {part!r}", field="--part")
+    topk = predict_topk(model, histories, k=k, exclude_history=True)
+    return export_topk(dest or run.dir / "teachers" / name / f"topk_{part}.parquet", run.dataset, users, topk)
+
+
+def _load_topk(path: Path) -> np.ndarray:
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    col = "items" if "items" in df.columns else "topk"
+    return np.stack([np.asarray(v, dtype=np.int64) for v in df[col]])
+
+
+def _backbone(run: Run):  # type: ignore[no-untyped-def]
+    from delrec.llm.backbone import Backbone
+
+    return Backbone.load(run.cfg.backbone)
+
+
+def distill_stage(run: Run, backbone: Any, log: Callable[..., None] | None = None) -> Any:
+    """Stage 1: distil the chosen teacher's pattern into the soft prompt (None when the soft prompt is disabled)."""
+    from delrec.distill import distill
+    from delrec.llm.soft_prompt import SoftPrompt
+
+    cfg = run.cfg
+    if cfg.soft_prompt.num_tokens == 0:
+        run.mark("distill", skipped="soft prompt disabled (soft_prompt.num_tokens = 0)")
+        return None
+    out = run.dir / "distill"
+    if run.done("distill") and (out / "soft_prompt").is_dir():
+        return SoftPrompt.from_pretrained(out / "soft_prompt", device=backbone.device)
+    teacher = cfg.teachers.distill_from
+    topk_file = run.dir / "teachers" / teacher / "topk_train.parquet"
+    if not topk_file.is_file():
+        export_teacher_topk(run, teacher, part="train")
+    t0 = time.perf_counter()
+    soft = distill(backbone, run.dataset, run.split, _load_topk(topk_file), TEACHER_NAMES[teacher], cfg.distill,
+                   out, valid_candidates=run.candidates("valid"), soft_prompt_cfg=cfg.soft_prompt, log=log)
+    run.mark("distill", seconds=round(time.perf_counter() - t0, 1))
+    return soft
+
+
+def finetune_stage(run: Run, backbone: Any, soft_prompt: Any, log: Callable[..., None] | None = None) -> Any:
+    """Stage 2: AdaLoRA on the backbone with the distilled soft prompt frozen (skipped when adapter = none)."""
+    from delrec.finetune import finetune, load_adapter
+
+    out = run.dir / "finetune"
+    if run.cfg.finetune.adapter == "none":
+        run.mark("finetune", skipped="finetune.adapter = none")
+        return backbone
+    if run.done("finetune") and (out / "adapter").is_dir():
+        return load_adapter(backbone, out / "adapter")
+    t0 = time.perf_counter()
+    backbone = finetune(backbone, run.dataset, run.split, soft_prompt, TEACHER_NAMES[run.cfg.teachers.distill_from],
+                        run.cfg.finetune, out, valid_candidates=run.candidates("valid"), log=log)
+    run.mark("finetune", seconds=round(time.perf_counter() - t0, 1))
+    return backbone
+
+
+def evaluate_stage(run: Run, backbone: Any, soft_prompt: Any) -> dict[str, Any]:
+    """Rank the frozen test candidates with the LLM (backbone + soft prompt + adapter)."""
+    from delrec.evaluate import evaluate_llm
+
+    if run.done("evaluate") and (run.dir / "results" / "DELRec.json").is_file():
+        return read_json(run.dir / "results" / "DELRec.json")
+    test = run.candidates("test")
+    cfg = run.cfg
+    result = evaluate_llm(backbone, soft_prompt, run.dataset, test, cfg.data.domain or run.dataset.domain,
+                          TEACHER_NAMES[cfg.teachers.distill_from], cfg.finetune.history_len,
+                          cfg.evaluate.batch_size, run.histories("test", test), length_norm=cfg.evaluate.length_norm)
+    stages = run.manifest["stages"]
+    train_s = sum(float(stages.get(s, {}).get("seconds", 0.0)) for s in ("distill", "finetune"))
+    row = _save_result(run, "DELRec", result, train_s=round(train_s, 1))
+    run.mark("evaluate", seconds=round(result.seconds, 1))
+    run.say(f"DELRec: HR@1 {row['metrics']['HR@1']['value']:.4f}  HR@5 {row['metrics']['HR@5']['value']:.4f}  "
+            f"NDCG@5 {row['metrics']['NDCG@5']['value']:.4f}  ({result.seconds:.0f}s to score)")
+    return row
+
+
+def _curve(path: Path, key: str = "loss") -> list[tuple[int, float]]:
+    """(step, value) points from a stage's history.json, whatever list it keeps them in."""
+    if not path.is_file():
+        return []
+    hist = read_json(path)
+    rows = hist if isinstance(hist, list) else next(
+        (hist[k] for k in ("epochs", "steps", "train", "history") if isinstance(hist.get(k), list)), [])
+    pts = []
+    for i, r in enumerate(rows, start=1):
+        if isinstance(r, dict) and isinstance(r.get(key), int | float):
+            pts.append((int(r.get("step", r.get("epoch", i))), float(r[key])))
+    return pts
+
+
+def report_stage(run: Run) -> dict[str, Any]:
+    """metrics.json + report.md + PNG plots from every result in RUN/results (same test candidates)."""
+    from delrec.report import curves_plot, metrics_plot, write_report
+
+    test = run.candidates("test")
+    rows: dict[str, dict[str, Any]] = {}
+    for name in [*run.cfg.teachers.models, "DELRec"]:
+        path = run.dir / "results" / f"{name}.json"
+        if path.is_file():
+            row = read_json(path)
+            if row["candidate_hash"] != test.hash():
+                raise ConfigError(f"{path} was computed on other candidates ({row['candidate_hash']})",
+                                  file=path, field="candidate_hash")
+            rows[TEACHER_NAMES.get(name, name)] = row
+    images = []
+    if rows:
+        metrics_plot(rows, run.dir / "metrics.png")
+        images.append("metrics.png")
+    curves = {TEACHER_NAMES[m]: _curve(run.dir / "teachers" / m / "history.json") for m in run.cfg.teachers.models}
+    curves["stage 1 (distill)"] = _curve(run.dir / "distill" / "history.json")
+    curves["stage 2 (AdaLoRA)"] = _curve(run.dir / "finetune" / "history.json")
+    if any(curves.values()):
+        curves_plot(curves, run.dir / "curves.png")
+        images.append("curves.png")
+    ds = run.dataset
+    info = {"dataset": ds.name, "source": ds.source, "split": run.split.kind, "n_test": len(test),
+            "fingerprint": ds.fingerprint(), "candidates_hash": test.hash(), "candidate_size": test.size,
+            "backbone": run.cfg.backbone.name_or_path, "profile": run.cfg.profile, "device": run.cfg.device,
+            "notes": run.manifest.get("notes", [])}
+    write_report(run.dir, info, rows, images)
+    metrics = {"run": str(run.dir), **{k: v for k, v in info.items() if k != "notes"},
+               "models": {name: {"metrics": r["metrics"], "train_s": r.get("train_s"), "infer_s": r.get("infer_s"),
+                                 "full_ranking": r.get("full_ranking")} for name, r in rows.items()},
+               "stages": run.manifest["stages"]}
+    write_json(run.dir / "metrics.json", metrics)
+    run.mark("report")
+    return metrics
+
+
+def run_pipeline(run: Run, until: str | None = None) -> str:
+    """All stages in order, each skipped when already done; returns a one-paragraph summary."""
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"unknown stage {until!r}; choose from {', '.join(STAGES)}", field="--until")
+    t0 = time.perf_counter()
+    cfg = run.cfg
+    run.dataset  # noqa: B018  (prepares data on first use)
+    run.candidates("valid")
+    run.candidates("test")
+    if until == "data":
+        return f"{run.dir}: data prepared"
+    teachers = list(dict.fromkeys([*cfg.teachers.models, cfg.teachers.distill_from]))
+    for name in teachers:
+        teacher_stage(run, name)
+    if until == "teachers":
+        report_stage(run)
+        return f"{run.dir}: teachers trained; LLM stages not run (--until teachers)"
+    logger = _logger(run)
+    backbone = _backbone(run)
+    soft = distill_stage(run, backbone, log=logger)
+    if until == "distill":
+        return f"{run.dir}: stage 1 done"
+    backbone = finetune_stage(run, backbone, soft, log=logger)
+    if until == "finetune":
+        return f"{run.dir}: stage 2 done"
+    evaluate_stage(run, backbone, soft)
+    metrics = report_stage(run)
+    run.manifest["total_seconds_last_invocation"] = round(time.perf_counter() - t0, 1)
+    write_json(run.dir / "manifest.json", run.manifest)
+    lines = [f"{name:8s} HR@1 {m['metrics']['HR@1']['value']:.4f}  HR@5 {m['metrics']['HR@5']['value']:.4f}  "
+             f"NDCG@5 {m['metrics']['NDCG@5']['value']:.4f}" for name, m in metrics["models"].items()]
+    return "\n".join([*lines, f"report: {run.dir / 'report.md'}"])
+
+
+def _logger(run: Run) -> Callable[..., None] | None:
+    """A TensorBoard scalar writer when ``log: tensorboard`` (losses, task weights, validation metrics)."""
+    if run.cfg.log != "tensorboard":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run.dir / "tensorboard"))
+
+    def log(entry: dict[str, Any] | str, value: float | None = None, step: int | None = None) -> None:
+        if isinstance(entry, str):  # (tag, value, step) form
+            writer.add_scalar(entry, float(value or 0.0), step or 0)
+        else:
+            s = int(entry.get("step", 0))
+            for k, v in entry.items():
+                if isinstance(v, int | float) and k != "step":
+                    writer.add_scalar(k, float(v), s)
+                elif isinstance(v, dict):
+                    for k2, v2 in v.items():
+                        if isinstance(v2, int | float):
+                            writer.add_scalar(f"{k}/{k2}", float(v2), s)
+        writer.flush()
+
+    return log
+
+
+def collect_results(paths: list[Path]) -> Any:
+    """Every result in the given run folders (or result JSON files), compared on one candidate file."""
+    from delrec.evaluate import EvalResult, compare
+
+    results: dict[str, EvalResult] = {}
+    for p in paths:
+        files = sorted((p / "results").glob("*.json")) if p.is_dir() else [p]
+        if not files:
+            raise ConfigError("no results found (run `delrec run` or `delrec teacher train` first)", file=p)
+        for f in files:
+            try:
+                d = read_json(f)
+                res = EvalResult.from_dict(d)
+            except (ValueError, KeyError) as e:
+                raise ConfigError(f"not a delrec result file ({e})", file=f) from None
+            label = f.stem if len(paths) == 1 else f"{p.name}/{f.stem}"
+            results[label] = res
+    return compare(results)
