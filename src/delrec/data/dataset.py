@@ -135,16 +135,18 @@ class SeqDataset:
         title_of = dict(zip(items["item_id"].astype(str), items["title"].astype(str), strict=False))
         # Item order: by first appearance in the title table, then unseen ids; deterministic for a given input.
         used = pd.unique(inter["item_id"])
-        order = [i for i in items["item_id"].astype(str) if i in set(used)]
+        used_set = set(used)  # built once: a set per table row made this quadratic
+        order = [i for i in items["item_id"].astype(str) if i in used_set]
         seen = set(order)
         order += sorted(i for i in used if i not in seen)
         index = {iid: k for k, iid in enumerate(order, start=1)}
         inter["item"] = inter["item_id"].map(index).astype(np.int64)
-        user_ids: list[str] = []
-        sequences: list[np.ndarray] = []
-        for uid, grp in inter.groupby("user_id", sort=False):
-            user_ids.append(str(uid))
-            sequences.append(grp["item"].to_numpy(dtype=np.int64))
+        # Rows are sorted by user, so each user is one contiguous run (a per-group loop was seconds at 20k users).
+        uids = inter["user_id"].to_numpy(dtype=object)
+        item_col = inter["item"].to_numpy(dtype=np.int64)
+        starts = np.flatnonzero(np.r_[True, uids[1:] != uids[:-1]]) if len(uids) else np.zeros(0, np.int64)
+        user_ids: list[str] = [str(u) for u in uids[starts]]
+        sequences: list[np.ndarray] = [a.copy() for a in np.split(item_col, starts[1:])] if len(uids) else []
         return cls(
             name=name,
             titles=["<pad>", *[title_of.get(i, "") for i in order]],
