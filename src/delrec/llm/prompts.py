@@ -1,0 +1,120 @@
+"""The paper's three hard prompts — Temporal Analysis (TA), Recommendation Pattern Simulating (RPS) and LLM-based
+Sequential Recommendation (LSR) — in the movie, game, beauty and home variants plus a generic one.
+
+Wording follows the released templates (delrec-method.md §3.2, §3.3, §4.1) with the domain nouns swapped. Every
+prompt carries `SOFT_PROMPT_SLOT` right after "The recommendation pattern of the {teacher} model is:"; the scorer
+splices the soft prompt in there (or drops the marker when there is none).
+
+Every prompt *ends where the answer starts* ("...is:" / "...might be:"): a causal LM continues it with
+" <title>", a seq2seq LM's decoder generates "<title>". Two consequences, both deliberate:
+- the paper's ``<MASK>.`` endings become ``:`` (the answer is the continuation);
+- RPS printed the teacher's top-2..k *after* the mask, which a causal LM could not see. It is printed in the same
+  sentence with a placeholder, as TA does with "[movie X]": "...might be:[movie X], B, C. [movie X] is:".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from delrec.errors import ConfigError
+
+SOFT_PROMPT_SLOT = "<|soft_prompt|>"
+SLOT_PHRASE = "The recommendation pattern of the {teacher} model is:"
+
+
+@dataclass(frozen=True)
+class DomainWords:
+    history: str  # "movie viewing" → "user's movie viewing history"
+    did: str  # "watched"
+    item: str  # "movie"
+    items: str  # "movies"
+    do: str  # "watch"
+
+
+DOMAINS: dict[str, DomainWords] = {
+    "movie": DomainWords("movie viewing", "watched", "movie", "movies", "watch"),
+    "game": DomainWords("game playing", "played", "game", "games", "play"),
+    "beauty": DomainWords("item purchasing", "purchased", "item", "items", "purchase"),
+    "home": DomainWords("furniture or kitchenware purchasing", "purchased", "item", "items", "purchase"),
+    "generic": DomainWords("item interaction", "interacted with", "item", "items", "interact with"),
+}
+
+
+def domain_words(domain: str) -> DomainWords:
+    if domain not in DOMAINS:
+        raise ConfigError(f"unknown prompt domain {domain!r}; choose one of {', '.join(DOMAINS)}",
+                          field="dataset.domain")
+    return DOMAINS[domain]
+
+
+def truncate_history(titles: Sequence[str], n: int | None) -> list[str]:
+    """The ``n`` most recent titles (all when ``n`` is None), oldest first."""
+    if n is None:
+        return list(titles)
+    if n < 0:
+        raise ValueError(f"history length must be >= 0, got {n}")
+    return list(titles)[-n:] if n else []
+
+
+def join_titles(titles: Sequence[str]) -> str:
+    return ", ".join(t.strip() for t in titles)
+
+
+def strip_slot(text: str) -> str:
+    """The prompt without the soft prompt (the "no soft prompt" ablation)."""
+    return text.replace(SOFT_PROMPT_SLOT, "")
+
+
+def _slot(teacher: str, soft_prompt: bool) -> str:
+    return SLOT_PHRASE.format(teacher=teacher) + (SOFT_PROMPT_SLOT if soft_prompt else "")
+
+
+def ta_prompt(domain: str, teacher: str, demo_history: Sequence[str], demo_answer: str, demo_next: str,
+              history: Sequence[str], next_title: str, candidates: Sequence[str], *,
+              soft_prompt: bool = True) -> str:
+    """Temporal Analysis (§3.2): an in-context demo (items 1–2, masked item 3 = ``demo_answer``, then item 4 =
+    ``demo_next``) and the query (``history`` = items 4..n−2, masked item n−1, then item n = ``next_title``).
+    The answer (item n−1) follows the returned text."""
+    w = domain_words(domain)
+    return (
+        f"Simulate the recommendation pattern of the {teacher} model to make a temporal analysis of the {teacher} "
+        f"model by analysing the most recent item in user's {w.history} history from candidate set. "
+        f"{_slot(teacher, soft_prompt)}. The candidate set is:{join_titles(candidates)}. "
+        f"The user has already {w.did} {join_titles(demo_history)}, [{w.item} M]. "
+        f"Then, The next {w.item} the user plan to {w.do} is {demo_next.strip()}. "
+        f"The most recent item [{w.item} M] in user's {w.history} history is {demo_answer.strip()}. "
+        f"After that, the user has also {w.did} {join_titles(history)}, [{w.item} X]. "
+        f"Then, The next {w.item} the user plan to {w.do} is {next_title.strip()}. "
+        f"The most recent item [{w.item} X] in user's {w.history} history is:"
+    )
+
+
+def rps_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Sequence[str],
+               teacher_rest: Sequence[str], *, soft_prompt: bool = True) -> str:
+    """Recommendation Pattern Simulating (§3.3): predict the teacher's top-1; its top-2..k (``teacher_rest``) are
+    shown. The answer (the teacher's top-1) follows the returned text."""
+    w = domain_words(domain)
+    head = (
+        f"Simulate the recommendation pattern of the {teacher} model to predict next {w.items} that the user might "
+        f"{w.do} from candidate set based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
+        f"The {w.history} history of the user is:{join_titles(history)}. "
+        f"The candidate set is:{join_titles(candidates)}. "
+        f"Next {w.items} the user will {w.do} (predicted by the {teacher} model) might be:"
+    )
+    if not teacher_rest:
+        return head
+    return f"{head}[{w.item} X], {join_titles(teacher_rest)}. [{w.item} X] is:"
+
+
+def lsr_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Sequence[str], *,
+               soft_prompt: bool = True) -> str:
+    """Stage-2 next-item prediction (§4.1). The answer (the user's next item) follows the returned text."""
+    w = domain_words(domain)
+    return (
+        f"Refer to the recommendation pattern of the {teacher} model to predict the next {w.item} that the user "
+        f"might {w.do} from candidate set based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
+        f"The {w.history} history of the user is:{join_titles(history)}. "
+        f"The candidate set is:{join_titles(candidates)}. "
+        f"The next {w.item} the user will {w.do} might be:"
+    )

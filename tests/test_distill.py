@@ -1,0 +1,230 @@
+"""Stage 1: TA/RPS example builders, dynamic loss weighting, training, checkpoint/resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from delrec.data.candidates import draw_candidates
+from delrec.data.splits import make_split
+from delrec.distill import (
+    TA_MIN_LEN,
+    DistillConfig,
+    build_rps_examples,
+    build_ta_examples,
+    distill,
+    dynamic_weights,
+    lr_factor,
+    render_lsr,
+    render_rps,
+    render_ta,
+    weights_from_grad_norms,
+)
+from delrec.errors import ConfigError, DataError
+from delrec.llm import SoftPromptConfig
+from delrec.llm.tiny import tiny_backbone, tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = tiny_dataset(n_users=30, n_items=60, min_len=5, max_len=12, seed=1)
+    return ds, make_split(ds, "user", seed=0)
+
+
+def _topk(split, k=5):
+    """A deterministic fake teacher: the k items after the last one, skipping history items."""
+    out = []
+    for seq in split.train_sequences:
+        seen, row, i = set(seq.tolist()), [], int(seq[-1])
+        while len(row) < k:
+            i = i % split.dataset.n_items + 1
+            if i not in seen:
+                row.append(i)
+        out.append(row)
+    return np.array(out, dtype=np.int64)
+
+
+def test_ta_examples_follow_the_spec(data):
+    ds, split = data
+    exs = build_ta_examples(split, ds, 10, np.random.default_rng(0))
+    seqs = {int(u): s for u, s in zip(split.train_users, split.train_sequences, strict=True)}
+    assert {e.user for e in exs} == {u for u, s in seqs.items() if len(s) >= TA_MIN_LEN}
+    assert any(len(s) < TA_MIN_LEN for s in seqs.values())  # the length filter is exercised
+    assert set(seqs) <= set(split.train_users.tolist())
+    for e in exs:
+        s = seqs[e.user]
+        assert e.demo_history.tolist() == s[:2].tolist()  # items 1-2
+        assert (e.demo_answer, e.demo_next) == (s[2], s[3])  # [M] = item 3, then item 4
+        assert e.history.tolist() == s[3:len(s) - 2].tolist()  # items 4..n-2
+        assert (e.target, e.next_item) == (s[-2], s[-1])  # [X] = item n-1, then item n
+        c = e.candidates.tolist()
+        assert len(c) == 10 and len(set(c)) == 10 and c.count(e.target) == 1
+        assert not (set(c) - {e.target}) & set(s.tolist())  # negatives never from the history
+        assert all(1 <= x <= ds.n_items for x in c)
+        assert c[e.target_pos] == e.target
+
+
+def test_ta_uses_training_sequences_only():
+    ds = tiny_dataset(n_users=30, seed=2)
+    split = make_split(ds, "loo", seed=0)
+    exs = build_ta_examples(split, ds, 20, np.random.default_rng(0))
+    assert exs
+    for e in exs:
+        full = ds.sequences[e.user]
+        assert e.next_item == full[-3]  # the last two items (valid/test targets) are never used
+        assert full[-1] not in e.candidates and full[-2] not in e.candidates  # not even as negatives
+
+
+def test_rps_examples_follow_the_spec(data):
+    ds, split = data
+    topk = _topk(split, 5)
+    exs = build_rps_examples(split, ds, topk, 12, np.random.default_rng(0), k=4)
+    assert [e.user for e in exs] == split.train_users.tolist()
+    for i, e in enumerate(exs):
+        assert e.history.tolist() == split.train_sequences[i].tolist()
+        assert e.target == topk[i, 0] and e.teacher_rest.tolist() == topk[i, 1:4].tolist()
+        c = e.candidates.tolist()
+        assert len(c) == 12 and len(set(c)) == 12 and set(topk[i, :4].tolist()) <= set(c)
+        assert topk[i, 4] not in c or topk[i, 4] not in e.history  # 5th prediction not forced in
+        assert not (set(c) - set(topk[i, :4].tolist())) & set(e.history.tolist())
+        assert c[e.target_pos] == e.target
+    with pytest.raises(DataError):
+        build_rps_examples(split, ds, topk[:-1], 12, np.random.default_rng(0))
+    with pytest.raises(ConfigError):
+        build_rps_examples(split, ds, topk, 3, np.random.default_rng(0), k=4)
+    with pytest.raises(DataError):
+        build_rps_examples(split, ds, topk * 0, 12, np.random.default_rng(0))
+
+
+def test_rendering(data):
+    ds, split = data
+    ta = build_ta_examples(split, ds, 6, np.random.default_rng(0))[:2]
+    prompts, cands, pos = render_ta(ta, ds, "SASRec", history_len=2)
+    assert len(prompts) == 2 and all(len(c) == 6 for c in cands)
+    assert cands[0][pos[0]] == ds.titles[ta[0].target]
+    shown = ", ".join(ds.titles[i] for i in ta[0].history[-2:])
+    assert f"also watched {shown}, [movie X]" in prompts[0]  # only the 2 most recent query items
+    rps = build_rps_examples(split, ds, _topk(split), 8, np.random.default_rng(0))[:2]
+    prompts, cands, pos = render_rps(rps, ds, "Caser", history_len=3)
+    assert "Caser" in prompts[0] and cands[1][pos[1]] == ds.titles[rps[1].target]
+    ex = split.examples("valid")
+    cs = draw_candidates(ex, ds, size=5, seed=0)
+    prompts, cands, pos = render_lsr(ex, cs, ds, "SASRec", history_len=3)
+    assert [c[p] for c, p in zip(cands, pos, strict=True)] == [ds.titles[e.target] for e in ex]
+    with pytest.raises(ConfigError):
+        render_lsr(ex[::-1], cs, ds, "SASRec", 3) if len(ex) > 1 else render_lsr([], cs, ds, "SASRec", 3)
+
+
+def test_dynamic_weights_on_a_toy_problem():
+    theta = torch.tensor([1.0, 2.0], requires_grad=True)
+    l1 = (theta * theta).sum()  # grad 2θ = [2, 4], norm 2√5
+    l2 = 3 * theta.sum()  # grad [3, 3], norm 3√2
+    w = dynamic_weights([l1, l2], [theta], alpha=0.5)
+    r = torch.tensor([(1 / (2 * math.sqrt(5))) ** 0.5, (1 / (3 * math.sqrt(2))) ** 0.5])
+    torch.testing.assert_close(w, r / r.sum())
+    assert float(w.sum()) == pytest.approx(1.0) and w[1] > w[0]  # smaller gradient, larger weight
+    torch.testing.assert_close(dynamic_weights([l1, l2], [theta], alpha=0.0), torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(weights_from_grad_norms([1.0, 4.0], 1.0), torch.tensor([0.8, 0.2]))
+    assert theta.grad is None  # weighting computes no side-effect gradients
+
+
+def test_lr_schedule():
+    assert [lr_factor(s, 2, 6) for s in range(7)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_factor(0, 0, 4) == 1.0
+
+
+@pytest.mark.parametrize(("kwargs", "fld"), [
+    ({"tasks": ["ta", "xx"]}, "distill.tasks"), ({"tasks": []}, "distill.tasks"),
+    ({"weighting": "gradnorm"}, "distill.weighting"), ({"lr": 0}, "distill.lr"),
+    ({"max_steps": 900}, "distill.max_steps"), ({"warmup_steps": 900}, "distill.warmup_steps"),
+    ({"teacher_k": 30}, "distill.teacher_k"), ({"select_metric": "MRR"}, "distill.select_metric"),
+    ({"batch_size": 0}, "distill.batch_size"), ({"domain": "books"}, "dataset.domain"),
+])
+def test_config_validation(kwargs, fld):
+    with pytest.raises(ConfigError) as e:
+        DistillConfig(**kwargs).validate()
+    assert e.value.field == fld
+
+
+SMALL = DistillConfig(lr=0.05, warmup_steps=0, total_steps=12, max_steps=6, batch_size=4, micro_batch_size=2,
+                      eval_every=3, teacher_k=4, candidate_size=8, history_len=4, train_examples=4, seed=7)
+SP = SoftPromptConfig(num_tokens=4)
+
+
+def test_short_run_lowers_training_loss_and_logs(data, tmp_path):
+    ds, split = data
+    bb = tiny_backbone("llama", extra_text=ds.titles[1:])
+    logged: list[tuple[str, float, int]] = []
+    cfg = dataclasses.replace(SMALL, max_steps=10)
+    soft = distill(bb, ds, split, _topk(split), "SASRec", cfg, tmp_path, soft_prompt_cfg=SP,
+                   log=lambda n, v, s: logged.append((n, v, s)), progress=False)
+    hist = json.loads((tmp_path / "history.json").read_text())
+    steps = hist["steps"]
+    assert len(steps) == 10 and [e["step"] for e in hist["evals"]] == [3, 6, 9, 10]
+    for task in ("ta", "rps"):  # the same 4 examples every step (train_examples=4 = batch)
+        assert steps[-1][f"loss_{task}"] < steps[0][f"loss_{task}"] - 0.05
+        assert all(0 < s[f"weight_{task}"] < 1 for s in steps)
+    assert all(abs(s["weight_ta"] + s["weight_rps"] - 1) < 1e-6 for s in steps)
+    assert {n for n, _, _ in logged} >= {"stage1/loss_ta", "stage1/weight_rps", "stage1/valid_NDCG@5"}
+    assert soft.num_tokens == 4 and soft.config.teacher == "SASRec"
+    assert (tmp_path / "soft_prompt" / "soft_prompt.safetensors").is_file()
+    summary = json.loads((tmp_path / "distill_summary.json").read_text())
+    assert summary["steps"] == 10 and summary["best_step"] in (3, 6, 9, 10)
+    assert all(p.grad is None for p in bb.model.parameters())
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
+    ds, split = data
+    topk = _topk(split)
+    bb = tiny_backbone("llama", extra_text=ds.titles[1:])
+    distill(bb, ds, split, topk, "SASRec", SMALL, tmp_path / "a", soft_prompt_cfg=SP, progress=False)
+    distill(bb, ds, split, topk, "SASRec", dataclasses.replace(SMALL, max_steps=3), tmp_path / "b",
+            soft_prompt_cfg=SP, progress=False)
+    assert json.loads((tmp_path / "b" / "distill_summary.json").read_text())["steps"] == 3
+    distill(bb, ds, split, topk, "SASRec", SMALL, tmp_path / "b", soft_prompt_cfg=SP, progress=False)
+    a = load_file(str(tmp_path / "a" / "checkpoint" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoint" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [s["loss"] for s in ha["steps"]] == [s["loss"] for s in hb["steps"]]
+    assert ha["evals"] == hb["evals"]
+    with pytest.raises(ConfigError):  # a different config must not silently continue the old run
+        distill(bb, ds, split, topk, "SASRec", dataclasses.replace(SMALL, lr=0.01), tmp_path / "b",
+                soft_prompt_cfg=SP, progress=False)
+
+
+def test_single_task_ablation_and_fixed_weights(data, tmp_path):
+    ds, split = data
+    bb = tiny_backbone("llama")
+    cfg = dataclasses.replace(SMALL, tasks=["rps"], max_steps=2, eval_every=2)
+    distill(bb, ds, split, _topk(split), "GRU4Rec", cfg, tmp_path / "r", soft_prompt_cfg=SP, progress=False)
+    steps = json.loads((tmp_path / "r" / "history.json").read_text())["steps"]
+    assert all("loss_ta" not in s and s["weight_rps"] == 1.0 for s in steps)
+    cfg = dataclasses.replace(SMALL, weighting="fixed", fixed_weights=(0.3, 0.7), max_steps=1, eval_every=1)
+    distill(bb, ds, split, _topk(split), "GRU4Rec", cfg, tmp_path / "f", soft_prompt_cfg=SP, progress=False)
+    s = json.loads((tmp_path / "f" / "history.json").read_text())["steps"][0]
+    assert (s["weight_ta"], s["weight_rps"]) == pytest.approx((0.3, 0.7))
+
+
+def test_validation_candidates_may_cover_a_subset_of_users(data, tmp_path):
+    ds, split = data
+    ex = split.examples("valid")
+    cs = draw_candidates(ex, ds, size=8, seed=3).subset([len(ex) - 1])  # only the last validation user
+    bb = tiny_backbone("llama")
+    cfg = dataclasses.replace(SMALL, max_steps=1, eval_every=1)
+    distill(bb, ds, split, _topk(split), "SASRec", cfg, tmp_path / "v", valid_candidates=cs, soft_prompt_cfg=SP,
+            progress=False)
+    assert json.loads((tmp_path / "v" / "distill_summary.json").read_text())["valid_examples"] == 1
+    wrong = draw_candidates(split.examples("test"), ds, size=8, seed=3)
+    with pytest.raises(ConfigError):
+        distill(bb, ds, split, _topk(split), "SASRec", cfg, tmp_path / "w", valid_candidates=wrong,
+                soft_prompt_cfg=SP, progress=False)
