@@ -1,0 +1,240 @@
+"""Evaluation on frozen candidate sets: LLM scoring, metrics, per-example predictions, and safe comparison.
+
+Every model is ranked within the same saved 20-item candidate sets (target + 19 unseen negatives). The LLM scores
+each candidate title by its whole-title log-likelihood (`TitleScorer`), so every output is a valid candidate
+(ValidRatio = 1 by construction). Results carry the candidate file's content hash; `compare` refuses to put side
+by side numbers that were computed on different candidates.
+
+Under ``accelerate launch``/``torchrun`` the rows are sharded across processes and gathered back in order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from delrec.data.candidates import CandidateSet
+from delrec.data.dataset import SeqDataset
+from delrec.data.splits import Example
+from delrec.errors import DataError, DelrecError
+from delrec.io import atomic_path
+from delrec.metrics import ranks_from_scores, summarize
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from delrec.llm.backbone import Backbone
+    from delrec.llm.scoring import TitleScorer
+    from delrec.llm.soft_prompt import SoftPrompt
+
+
+@dataclass
+class EvalResult:
+    """Ranks of the targets within one candidate file, their metrics and provenance."""
+
+    ranks: np.ndarray  # [N] 1-based rank of each target among its C candidates (pessimistic ties)
+    metrics: dict[str, dict[str, float]]  # delrec.metrics.summarize: {"HR@1": {"value", "lo", "hi"}, ...}
+    candidate_hash: str  # CandidateSet.hash() of the candidates the ranks refer to
+    seconds: float = 0.0  # wall time of the scoring
+    scores: np.ndarray | None = None  # [N, C] candidate scores (kept for predictions; not serialised)
+    valid_ratio: float = 1.0  # share of outputs that name a candidate; 1 for likelihood scoring
+
+    @property
+    def n(self) -> int:
+        return len(self.ranks)
+
+    def to_dict(self, with_ranks: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": self.n, "candidate_hash": self.candidate_hash, "metrics": self.metrics,
+                               "valid_ratio": self.valid_ratio, "seconds": round(self.seconds, 3)}
+        if with_ranks:
+            out["ranks"] = self.ranks.astype(int).tolist()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
+        return cls(ranks=np.asarray(d.get("ranks", []), dtype=np.int64), metrics=d["metrics"],
+                   candidate_hash=str(d["candidate_hash"]), seconds=float(d.get("seconds", 0.0)),
+                   valid_ratio=float(d.get("valid_ratio", 1.0)))
+
+
+def evaluate_scores(scores: np.ndarray, candidates: CandidateSet, seconds: float = 0.0) -> EvalResult:
+    """[N, C] scores aligned with ``candidates.items`` → ranks and HR@1/HR@5/NDCG@5 (with bootstrap CIs)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != candidates.items.shape:
+        raise DelrecError(f"scores have shape {scores.shape} but the candidates {candidates.items.shape}",
+                          field="scores")
+    if not np.isfinite(scores).all():
+        raise DelrecError("scores contain NaN or infinite values", field="scores")
+    ranks = ranks_from_scores(scores, candidates.target_pos)
+    return EvalResult(ranks=ranks, metrics=summarize(ranks), candidate_hash=candidates.hash(), seconds=seconds,
+                      scores=scores)
+
+
+# --- LLM scoring ---------------------------------------------------------------------------------------------------
+def lsr_inputs(dataset: SeqDataset, histories: Sequence[np.ndarray], cand_items: np.ndarray, domain: str,
+               teacher_name: str, history_len: int, *, soft_prompt: bool = True
+               ) -> tuple[list[str], list[list[str]]]:
+    """Stage-2 (LSR) prompts and candidate titles for a batch: B histories, [B, C] candidate items.
+
+    ``soft_prompt=False`` leaves the soft-prompt slot out of the text (the "no soft prompt" ablation).
+    """
+    from delrec.llm.prompts import lsr_prompt, truncate_history
+
+    titles = dataset.titles
+    prompts: list[str] = []
+    cands: list[list[str]] = []
+    for hist, row in zip(histories, cand_items, strict=True):
+        shown = truncate_history([titles[int(i)] for i in hist], history_len)
+        row_titles = [titles[int(i)] for i in row]
+        prompts.append(lsr_prompt(domain, teacher_name, shown, row_titles, soft_prompt=soft_prompt))
+        cands.append(row_titles)
+    return prompts, cands
+
+
+def histories_for(candidates: CandidateSet, examples: Sequence[Example]) -> list[np.ndarray]:
+    """The history of each candidate row, looked up by (user, target) among ``examples`` (e.g. split.examples)."""
+    by_key = {(ex.user, ex.target): ex.history for ex in examples}
+    out = []
+    for r, (u, t) in enumerate(zip(candidates.users.tolist(), candidates.targets.tolist(), strict=True)):
+        hist = by_key.get((u, t))
+        if hist is None:
+            raise DataError(f"candidate row {r} (user {u}, target {t}) matches no example of this split; "
+                            "were the candidates drawn for another split or dataset?", line=r + 1, field="user")
+        out.append(hist)
+    return out
+
+
+def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: CandidateSet,
+                     histories: Sequence[np.ndarray], domain: str, teacher_name: str, history_len: int,
+                     batch_size: int, state: PartialState | None = None, desc: str = "evaluate",
+                     soft_prompt: bool = True) -> np.ndarray:
+    """Score every candidate row with ``scorer`` (no grad) → [N, C], sharded over processes.
+
+    Rows are ordered by prompt length before batching (less padding); each process takes every k-th batch-sized
+    slice of that order and the gathered scores are put back in row order, so the result does not depend on the
+    number of processes (up to float round-off).
+    """
+    n = len(candidates)
+    if len(histories) != n:
+        raise DelrecError(f"{len(histories)} histories for {n} candidate rows", field="histories")
+    if batch_size < 1:
+        raise DelrecError(f"batch size must be at least 1, got {batch_size}", field="evaluate.batch_size")
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    prompts, cands = lsr_inputs(dataset, histories, candidates.items, domain, teacher_name, history_len,
+                                soft_prompt=soft_prompt)
+    order = np.argsort([len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, cands, strict=True)],
+                       kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    mine = batches[rank::world]
+    rows: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
+    model = getattr(scorer.backbone, "model", None) if hasattr(scorer, "backbone") else None
+    was_training = bool(getattr(model, "training", False))
+    if model is not None:
+        model.eval()
+    try:
+        with torch.no_grad():
+            for b in tqdm(mine, desc=desc, disable=None if rank == 0 else True, leave=False):
+                s = scorer.score([prompts[i] for i in b], [cands[i] for i in b])
+                rows.append(b)
+                parts.append(s.detach().float().cpu().numpy())
+    finally:
+        if model is not None and was_training:
+            model.train()
+    c = candidates.size
+    local_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    local = np.concatenate(parts) if parts else np.zeros((0, c), dtype=np.float32)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([(local_rows, local)])
+        local_rows = np.concatenate([r for r, _ in gathered])
+        local = np.concatenate([s for _, s in gathered])
+    out = np.full((n, c), np.nan, dtype=np.float64)
+    out[local_rows] = local
+    return out
+
+
+def evaluate_llm(backbone: Backbone, soft_prompt: SoftPrompt | None, dataset: SeqDataset, candidates: CandidateSet,
+                 domain: str, teacher_name: str, history_len: int, batch_size: int,
+                 histories: Sequence[np.ndarray], *, length_norm: bool = True,
+                 state: PartialState | None = None) -> EvalResult:
+    """Rank each frozen candidate set with the LLM (backbone + optional soft prompt + optional adapter).
+
+    ``histories[r]`` is the chronological item history of candidate row ``r`` (see `histories_for`).
+    ``soft_prompt=None`` is the "no soft prompt" ablation; a backbone without adapter is "no stage 2".
+    Runs sharded when launched with several processes (``state`` defaults to accelerate's `PartialState`).
+    """
+    from delrec.llm.scoring import TitleScorer
+
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=str(getattr(backbone, "device", "cpu")).startswith("cpu"))
+    start = time.perf_counter()
+    scorer = TitleScorer(backbone, soft_prompt, length_norm=length_norm)
+    scores = score_candidates(scorer, dataset, candidates, histories, domain, teacher_name, history_len,
+                              batch_size, state=state, soft_prompt=soft_prompt is not None)
+    return evaluate_scores(scores, candidates, seconds=time.perf_counter() - start)
+
+
+# --- artifacts and comparison --------------------------------------------------------------------------------------
+def save_predictions(path: str | Path, result: EvalResult, dataset: SeqDataset, candidates: CandidateSet,
+                     top_k: int = 10) -> Path:
+    """Per-example Parquet: user, target, rank of the target and the ``top_k`` candidates by score (atomic)."""
+    if result.candidate_hash != candidates.hash():
+        raise DelrecError(f"result was computed on candidates {result.candidate_hash}, not {candidates.hash()}",
+                          field="candidates")
+    n = len(candidates)
+    if result.scores is not None:
+        top = np.argsort(-result.scores, axis=1, kind="stable")[:, :top_k]
+        top_items = np.take_along_axis(candidates.items, top, axis=1)
+    else:
+        top_items = np.zeros((n, 0), dtype=np.int64)
+    df = pd.DataFrame({
+        "user": candidates.users,
+        "user_id": [dataset.user_ids[int(u)] for u in candidates.users],
+        "target": candidates.targets,
+        "target_title": [dataset.titles[int(t)] for t in candidates.targets],
+        "rank": result.ranks.astype(np.int64),
+        "top_items": list(top_items.astype(np.int64)),
+        "top_titles": [[dataset.titles[int(i)] for i in row] for row in top_items],
+    })
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return path
+
+
+def compare(results: dict[str, EvalResult]) -> pd.DataFrame:
+    """One row per model (value and 95% CI of each metric); refuses results from different candidate files."""
+    if not results:
+        raise DelrecError("nothing to compare", field="results")
+    hashes = {name: r.candidate_hash for name, r in results.items()}
+    if len(set(hashes.values())) > 1:
+        listing = ", ".join(f"{k}={v}" for k, v in hashes.items())
+        raise DelrecError(f"results were computed on different candidate files ({listing}); evaluate every "
+                          "model on the same frozen candidates", field="candidates")
+    rows: dict[str, dict[str, Any]] = {}
+    for name, r in results.items():
+        row: dict[str, Any] = {"n": r.n}
+        for metric, entry in r.metrics.items():
+            row[metric] = entry["value"]
+            if "lo" in entry:
+                row[f"{metric} lo"], row[f"{metric} hi"] = entry["lo"], entry["hi"]
+        row["valid_ratio"] = r.valid_ratio
+        row["candidate_hash"] = r.candidate_hash
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+__all__ = ["EvalResult", "compare", "evaluate_llm", "evaluate_scores", "histories_for", "lsr_inputs",
+           "save_predictions", "score_candidates"]

@@ -1,0 +1,707 @@
+"""Stage 2 (LSR): fine-tune the LLM with AdaLoRA on next-item prediction, the distilled soft prompt frozen.
+
+Each training example is a user's history → next item, shown with a 20-item candidate set (the target + 19 items
+the user never interacted with, re-drawn every epoch from a seed). The loss is the cross-entropy of the target over
+the candidates' whole-title log-likelihoods (`TitleScorer.score`), not the first-token verbalizer of the released
+code (method spec §4.4, §12.5). Only adapter weights train; the backbone and the soft prompt stay frozen. The best
+adapter on the frozen validation candidates (``select_metric``) is kept; training stops early after ``patience``
+evaluations without improvement.
+
+Scale-out: the loop runs under `accelerate.Accelerator`. ``batch_size`` is the *global* micro-batch: each of the
+``N`` processes takes ``batch_size / N`` rows of it (``split_batches``), gradients are averaged by DDP, so a run on
+``N`` processes follows the single-process run with the same settings (up to float round-off). Only the main process
+writes artifacts. Launch with ``accelerate launch`` or ``torchrun``; a single process needs no launcher.
+
+Artifacts in ``out_dir``: ``adapter/`` (peft ``save_pretrained`` of the best adapter, written when training
+ends), ``history.json``, ``best.safetensors`` (the best adapter so far: raw full-rank tensors, updated at each
+improvement) and ``checkpoint/`` (everything needed to resume after a kill, written atomically): adapter tensors,
+optimizer and scheduler state, step/epoch position, per-process torch RNG states and the AdaLoRA rank allocator's
+importance statistics and rank pattern — so a resumed run continues exactly (on the same number of processes; with
+another number the data order is the same but dropout noise differs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from delrec.data.candidates import CandidateSet, draw_candidates
+from delrec.data.dataset import SeqDataset
+from delrec.data.splits import Example, Split
+from delrec.errors import ConfigError, DataError, DelrecError
+from delrec.evaluate import histories_for, lsr_inputs, score_candidates
+from delrec.io import atomic_dir, atomic_path, read_json, sha256_bytes, write_json
+from delrec.metrics import summarize
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from delrec.llm.backbone import Backbone
+    from delrec.llm.soft_prompt import SoftPrompt
+
+AdapterKind = Literal["adalora", "lora", "none"]
+ADAPTERS: tuple[str, ...] = ("adalora", "lora", "none")
+METRICS: tuple[str, ...] = ("HR@1", "HR@5", "NDCG@5")
+ADAPTER_NAME = "default"  # peft's adapter name; AdaLoRA trains exactly one
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage-2 settings. Defaults are the paper's (method spec §4.3); `from_profile("cpu")` fits a laptop."""
+
+    # Each field's comment is its help text.
+    adapter: AdapterKind = "adalora"  # adalora (paper) | lora (fixed rank target_r) | none (no stage 2)
+    init_r: int = 320  # AdaLoRA initial rank of every adapted matrix (paper 320)
+    target_r: int = 8  # AdaLoRA target average rank after pruning (peft default 8); the rank of plain lora
+    lora_alpha: float = 32.0  # adapter scaling numerator (paper 32)
+    lora_dropout: float = 0.05  # dropout on the adapter input (paper 0.05)
+    # 'auto': the architecture's attention query/value projections (T5 q,v; llama q_proj,v_proj; GPT-2 c_attn …),
+    # or an explicit list of module names.
+    target_modules: str | list[str] = "auto"
+    tinit: int = -1  # AdaLoRA steps before rank pruning starts; -1 = 10% of max_steps
+    tfinal: int = -1  # AdaLoRA last steps with a frozen rank pattern; -1 = 20% of max_steps
+    delta_t: int = 1  # AdaLoRA steps between two rank re-allocations (peft default 1)
+    orth_reg_weight: float = 0.5  # AdaLoRA orthogonality regulariser weight (peft default 0.5)
+    lr: float = 1e-4  # peak learning rate (paper 1e-4)
+    weight_decay: float = 1e-6  # AdamW weight decay (paper 1e-6)
+    warmup_steps: int = 800  # linear warm-up optimizer steps, then linear decay to 0 (paper 800)
+    max_steps: int = 1400  # total optimizer steps (paper 1400); AdaLoRA's schedule is laid out over it
+    batch_size: int = 20  # examples per micro-batch, all processes together (paper 20)
+    grad_accum: int = 6  # micro-batches per optimizer step (paper 6)
+    grad_clip: float = 2.0  # max global gradient norm; 0 = no clipping (paper 2.0)
+    eval_every: int = 50  # optimizer steps between validations (and checkpoints)
+    patience: int = 5  # validations without improvement before stopping; 0 = never stop early
+    select_metric: str = "NDCG@5"  # validation metric that picks the best adapter: HR@1 | HR@5 | NDCG@5
+    history_len: int = 20  # most recent history items shown in the prompt
+    sliding_window: bool = False  # also train on earlier prefixes of training users (paper: last item only)
+    max_train_examples: int = 0  # cap on training examples (seeded subsample); 0 = all
+    max_valid_examples: int = 0  # cap on validation rows used for model selection (seeded subsample); 0 = all
+    candidate_size: int = 20  # candidates per training example: target + size-1 unseen negatives (paper 20)
+    eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
+    length_norm: bool = True  # score a title by its mean (not summed) token log-likelihood
+    seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
+    profile: str = "paper"  # the preset these values started from (recorded only)
+
+    def validate(self) -> FinetuneConfig:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{why}, got {getattr(self, name)!r}", field=f"finetune.{name}")
+
+        if self.adapter not in ADAPTERS:
+            raise bad("adapter", f"must be one of {', '.join(ADAPTERS)}")
+        for name in ("init_r", "target_r", "delta_t", "max_steps", "batch_size", "grad_accum", "eval_every",
+                     "history_len", "candidate_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, "must be a positive integer")
+        for name in ("warmup_steps", "patience", "max_train_examples", "max_valid_examples", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise bad(name, "must be a non-negative integer")
+        for name in ("tinit", "tfinal"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < -1:
+                raise bad(name, "must be -1 (automatic) or a non-negative integer")
+        for name in ("lr", "lora_alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+                raise bad(name, "must be a positive number")
+        for name in ("weight_decay", "grad_clip", "orth_reg_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise bad(name, "must be a non-negative number")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise bad("lora_dropout", "must be in [0, 1)")
+        if self.candidate_size < 2:
+            raise bad("candidate_size", "must be at least 2")
+        if self.target_r > self.init_r:
+            raise bad("target_r", f"must not exceed init_r ({self.init_r})")
+        if self.select_metric not in METRICS:
+            raise bad("select_metric", f"must be one of {', '.join(METRICS)}")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            if tm != "auto":
+                raise bad("target_modules", "must be 'auto' or a list of module names")
+        elif not tm or not all(isinstance(m, str) and m for m in tm):
+            raise bad("target_modules", "must be 'auto' or a non-empty list of module names")
+        if self.adapter == "adalora":
+            tinit, tfinal = self.schedule()
+            if tinit >= self.max_steps - tfinal:
+                raise bad("tinit", f"AdaLoRA needs tinit < max_steps - tfinal ({self.max_steps} - {tfinal})")
+        return self
+
+    def schedule(self) -> tuple[int, int]:
+        """AdaLoRA (tinit, tfinal) with the automatic values resolved against ``max_steps``."""
+        tinit = self.tinit if self.tinit >= 0 else int(0.1 * self.max_steps)
+        tfinal = self.tfinal if self.tfinal >= 0 else int(0.2 * self.max_steps)
+        return tinit, tfinal
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules) if not isinstance(self.target_modules, str) else \
+            self.target_modules
+        return d
+
+    @classmethod
+    def from_profile(cls, name: str, **overrides: Any) -> FinetuneConfig:
+        """A preset (``paper`` | ``cpu``) with ``overrides`` applied, validated."""
+        if name not in PROFILES:
+            raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}",
+                              field="finetune.profile")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in known:
+                raise ConfigError(f"unknown setting; expected one of: {', '.join(sorted(known))}",
+                                  field=f"finetune.{key}")
+        return dataclasses.replace(PROFILES[name], **overrides).validate()
+
+
+# The paper's stage-2 hyper-parameters (method spec §4.3; optimizer AdamW instead of PagedLion8bit).
+PAPER = FinetuneConfig()
+# Finishes in ~4-5 minutes on 2 CPU cores with SmolLM2-135M and a 100-token soft prompt (~700 tokens per example;
+# one example forward+backward ≈ 3.3 s there, and batches of 1 pad least): small ranks, 60 examples, 30 updates.
+CPU = FinetuneConfig(init_r=8, target_r=4, lr=1e-3, warmup_steps=3, max_steps=30, batch_size=1, grad_accum=2,
+                     eval_every=15, patience=0, history_len=10, max_train_examples=60, max_valid_examples=16,
+                     eval_batch_size=4, profile="cpu")
+PROFILES: dict[str, FinetuneConfig] = {"paper": PAPER, "cpu": CPU}
+
+
+# --- adapters --------------------------------------------------------------------------------------------------
+_FALLBACK_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj"), ("q", "v"), ("c_attn",), ("query", "value"), ("query_key_value",), ("qkv_proj",),
+    ("Wqkv",),
+)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def resolve_target_modules(model: nn.Module, spec: str | list[str] = "auto") -> list[str]:
+    """Module names to adapt: the architecture's query/value projections for ``"auto"``, else ``spec`` checked."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = _base_model(model)
+    linear = {name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, nn.Linear | Conv1D)}
+    if isinstance(spec, str):
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as known
+
+        model_type = str(getattr(getattr(base, "config", None), "model_type", ""))
+        found = known.get(model_type)
+        if not found or not all(m in linear for m in found):
+            found = next((list(c) for c in _FALLBACK_TARGETS if all(m in linear for m in c)), None)
+        if not found:
+            raise ConfigError(f"cannot tell the attention projections of model type {model_type!r}; list them in "
+                              f"finetune.target_modules (linear layers: {', '.join(sorted(linear)[:20])})",
+                              field="finetune.target_modules")
+        return list(found)
+    missing = [m for m in spec if m not in linear]
+    if missing:
+        raise ConfigError(f"no linear layer named {', '.join(missing)} in the backbone (it has: "
+                          f"{', '.join(sorted(linear)[:20])})", field="finetune.target_modules")
+    return list(spec)
+
+
+def _task_type(backbone: Backbone) -> str:
+    kind = getattr(backbone, "kind", None)
+    if kind not in ("causal", "seq2seq"):
+        kind = "seq2seq" if getattr(_base_model(backbone.model).config, "is_encoder_decoder", False) else "causal"
+    return "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM"
+
+
+def peft_config(backbone: Backbone, cfg: FinetuneConfig) -> Any:
+    """The `peft` config for ``cfg.adapter`` on this backbone (AdaLoRA's schedule laid out over max_steps)."""
+    from peft import AdaLoraConfig, LoraConfig
+
+    targets = resolve_target_modules(backbone.model, cfg.target_modules)
+    common = dict(target_modules=targets, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                  task_type=_task_type(backbone), bias="none")
+    if cfg.adapter == "lora":
+        return LoraConfig(r=cfg.target_r, **common)
+    tinit, tfinal = cfg.schedule()
+    return AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, tinit=tinit, tfinal=tfinal, deltaT=cfg.delta_t,
+                         orth_reg_weight=cfg.orth_reg_weight, total_step=cfg.max_steps, **common)
+
+
+def load_adapter(backbone: Backbone, adapter_dir: str | Path) -> Backbone:
+    """Attach a saved stage-2 adapter (peft folder) to ``backbone`` for inference; returns the same backbone.
+
+    Loaded with ``is_trainable=True`` because peft 0.21's AdaLoRA in inference mode breaks a forward with
+    ``labels=`` (stack.md); the adapter weights are then frozen and the model put in eval mode.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise DataError("not an adapter folder (no adapter_config.json)", file=adapter_dir)
+    if hasattr(backbone.model, "peft_config"):
+        raise DelrecError("the backbone already carries an adapter; load a fresh backbone", file=adapter_dir)
+    with warnings.catch_warnings():
+        # AdaLoRA's saved rank pattern names lora_E tensors, which peft's generic LoRA rank_pattern check reports
+        # as unmatched; AdaLoRA itself applies the pattern (ranks are resized on load).
+        warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = PeftModel.from_pretrained(backbone.model, str(adapter_dir), is_trainable=True)
+    model.requires_grad_(False)
+    model.eval()
+    backbone.model = model
+    return backbone
+
+
+def orthogonal_regularizer(model: nn.Module, adapter_name: str = ADAPTER_NAME) -> torch.Tensor:
+    """AdaLoRA's ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F averaged over adapted matrices (what peft adds when given labels)."""
+    total: torch.Tensor | None = None
+    n = 0
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and adapter_name in name and p.numel():
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+            term = torch.linalg.matrix_norm(cov - eye)
+            total = term if total is None else total + term
+            n += 1
+    if total is None:
+        return torch.zeros(())
+    return total / n
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+def train_examples(split: Split, cfg: FinetuneConfig) -> list[Example]:
+    """Training users' next-item examples (last item, or every prefix with sliding_window), seeded cap."""
+    exs = split.examples("train", sliding=cfg.sliding_window)
+    if cfg.max_train_examples and len(exs) > cfg.max_train_examples:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(exs), cfg.max_train_examples, replace=False))
+        exs = [exs[i] for i in keep]
+    return exs
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class _EpochBatches(torch.utils.data.Sampler[list[int]]):
+    """Global batches of a seeded per-epoch permutation (last partial batch dropped); resumable mid-epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.drop_last = True  # read by accelerate's BatchSamplerShard
+        self.epoch = 0
+        self.start = 0  # first batch of the epoch to yield (resume)
+
+    def __len__(self) -> int:
+        return max(self.n // self.batch_size - self.start, 0)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        for b in range(self.start, self.n // self.batch_size):
+            yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+
+class _Scoring(nn.Module):
+    """What `accelerator.prepare` wraps (DDP on several processes): forward = TitleScorer.score.
+
+    The backbone model is a registered submodule so DDP sees (and synchronises) its trainable adapter weights; the
+    scorer is kept outside the module tree.
+    """
+
+    def __init__(self, model: nn.Module, scorer: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._scorer = (scorer,)
+
+    def forward(self, prompts: list[str], candidates: list[list[str]]) -> torch.Tensor:
+        return self._scorer[0].score(prompts, candidates)  # [B, C]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor at full (unpruned) shape, incl. AdaLoRA's lora_E and ranknum."""
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if "lora_" in n or
+            ".ranknum." in n}
+
+
+def _load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    params = dict(model.named_parameters())
+    missing = sorted(set(_adapter_tensors(model)) - set(tensors))
+    if missing or any(n not in params or params[n].shape != t.shape for n, t in tensors.items()):
+        raise DataError("checkpoint adapter does not fit this model (different backbone or adapter settings?)",
+                        file=where)
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t.to(params[n].device))
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    other: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                other.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "state": other}
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        pid, k = key.split("/", 1)
+        state.setdefault(int(pid), {})[k] = t
+    for pid, st in meta["state"].items():
+        state.setdefault(int(pid), {}).update(st)
+    groups = meta["param_groups"]
+    for g, cur in zip(groups, opt.state_dict()["param_groups"], strict=True):
+        for k, v in cur.items():  # JSON turned tuples (betas) into lists
+            if isinstance(v, tuple) and isinstance(g.get(k), list):
+                g[k] = tuple(g[k])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _allocator_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
+    base = getattr(model, "base_model", None)
+    alloc = getattr(base, "rankallocator", None)
+    if alloc is None:
+        return {}, None
+    tensors = {}
+    for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        for n, t in getattr(alloc, kind).items():
+            tensors[f"{kind}/{n}"] = t.detach().cpu().contiguous()
+    return tensors, base.peft_config[ADAPTER_NAME].rank_pattern
+
+
+def _load_allocator_state(model: nn.Module, tensors: dict[str, torch.Tensor], rank_pattern: Any) -> None:
+    base = getattr(model, "base_model", None)
+    alloc = getattr(base, "rankallocator", None)
+    if alloc is None:
+        return
+    alloc.reset_ipt()
+    device = next(model.parameters()).device
+    for key, t in tensors.items():
+        kind, n = key.split("/", 1)
+        getattr(alloc, kind)[n] = t.to(device)
+    base.peft_config[ADAPTER_NAME].rank_pattern = rank_pattern
+
+
+def _tensor_hash(module: nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    parts = [p.detach().cpu().float().numpy().tobytes() for p in module.parameters()]
+    return sha256_bytes(*parts)[:16]
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+def _make_accelerator(device: Any) -> Accelerator:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    cpu = torch.device(str(device)).type == "cpu"
+    # split_batches: batch_size is global, so results do not depend on the number of processes. We own every RNG
+    # (seeded permutations), hence no rng synchronisation; the scheduler is stepped by hand once per update.
+    return Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True), rng_types=[],
+                       step_scheduler_with_optimizer=False)
+
+
+def _valid_rows(split: Split, dataset: SeqDataset, cfg: FinetuneConfig,
+                valid_candidates: CandidateSet | None) -> tuple[CandidateSet | None, list[np.ndarray]]:
+    examples = split.examples("valid")
+    if valid_candidates is None:
+        if not examples:
+            return None, []
+        valid_candidates = draw_candidates(examples, dataset, size=cfg.candidate_size, seed=cfg.seed)
+    if cfg.max_valid_examples and len(valid_candidates) > cfg.max_valid_examples:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(valid_candidates), cfg.max_valid_examples,
+                                                              replace=False))
+        valid_candidates = valid_candidates.subset(keep)
+    return valid_candidates, histories_for(valid_candidates, examples)
+
+
+def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt: SoftPrompt | None,
+             teacher_name: str, cfg: FinetuneConfig, out_dir: str | Path,
+             valid_candidates: CandidateSet | None = None,
+             log: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = True) -> Backbone:
+    """Stage 2: train an adapter on the backbone; returns the backbone whose ``model`` is the trained PeftModel.
+
+    The backbone is modified in place (peft injects the adapter layers into it). ``adapter="none"`` returns it
+    unchanged. ``soft_prompt`` (may be None: the "no soft prompt" ablation) is frozen. ``valid_candidates`` are the
+    frozen validation candidates (drawn from ``cfg.seed`` if None). ``log`` receives every history entry (main
+    process). With ``resume`` an existing ``out_dir/checkpoint`` of the same run is continued; a finished run
+    returns at once with its best adapter loaded.
+    """
+    from peft import get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    from delrec.llm.scoring import TitleScorer
+
+    cfg.validate()
+    out_dir = Path(out_dir)
+    if cfg.adapter == "none":
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            write_json(out_dir / "history.json", {"config": cfg.to_dict(), "adapter": "none", "history": []})
+        return backbone
+    if hasattr(backbone.model, "peft_config"):
+        raise DelrecError("the backbone already carries an adapter; stage 2 needs a fresh backbone",
+                          field="finetune.adapter")
+
+    accelerator = _make_accelerator(getattr(backbone, "device", "cpu"))
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch size {cfg.batch_size} must be a multiple of the {world} processes",
+                          field="finetune.batch_size")
+    examples = train_examples(split, cfg)
+    if len(examples) < cfg.batch_size:
+        raise ConfigError(f"only {len(examples)} training examples, fewer than one batch of {cfg.batch_size}",
+                          field="finetune.batch_size")
+    valid, valid_hist = _valid_rows(split, dataset, cfg, valid_candidates)
+    domain = dataset.domain
+
+    if soft_prompt is not None:
+        soft_prompt.freeze()
+        soft_prompt.requires_grad_(False)
+        soft_prompt.to(accelerator.device)
+    torch.manual_seed(cfg.seed)  # identical adapter init on every process
+    with warnings.catch_warnings():  # transformers 5 deprecation raised inside peft, not actionable here
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = get_peft_model(backbone.model, peft_config(backbone, cfg))
+    # On several GPUs every process must hold its own copy on its own device before the scorer (which places the
+    # soft prompt and inputs on the backbone's device) is built; prepare() would move it only afterwards.
+    model.to(accelerator.device)
+    backbone.model = model
+    scorer = TitleScorer(backbone, soft_prompt, length_norm=cfg.length_norm)
+    adalora = cfg.adapter == "adalora"
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    sampler = _EpochBatches(len(examples), cfg.batch_size, cfg.seed)
+    # Its own generator: iter(DataLoader) would otherwise draw a base seed from the global RNG, which a resumed
+    # run (re-entering an epoch mid-way) would consume once more than an uninterrupted one.
+    loader = torch.utils.data.DataLoader(list(range(len(examples))), batch_sampler=sampler,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    wrapped, optimizer, loader = accelerator.prepare(_Scoring(model, scorer), optimizer, loader)
+
+    fingerprint = {
+        "config": cfg.to_dict(), "dataset": dataset.fingerprint()[:16], "teacher": teacher_name,
+        "soft_prompt": _tensor_hash(soft_prompt), "n_train": len(examples),
+        "valid_candidates": None if valid is None else valid.hash(), "processes": world,
+        "backbone_params": sum(p.numel() for p in _base_model(model).parameters()),
+    }
+    ckpt_dir = out_dir / "checkpoint"
+    st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
+                          "history": [], "finished": False, "seconds": 0.0}
+    if resume and (ckpt_dir / "state.json").is_file():
+        st = _load_checkpoint(ckpt_dir, fingerprint, model, optimizer, scheduler, rank)
+    elif main:
+        # Artifacts of an earlier run in this folder must not leak into this one (resume=False or no checkpoint).
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (out_dir / "best.safetensors").unlink(missing_ok=True)
+    if not st["step"]:
+        torch.manual_seed(cfg.seed + 1 + rank)  # dropout noise, independent per process
+    accelerator.wait_for_everyone()
+
+    def evaluate_valid() -> dict[str, float]:
+        assert valid is not None
+        scores = score_candidates(scorer, dataset, valid, valid_hist, domain, teacher_name, cfg.history_len,
+                                  cfg.eval_batch_size or cfg.batch_size, state=accelerator.state,
+                                  desc="validate", soft_prompt=soft_prompt is not None)
+        from delrec.metrics import ranks_from_scores
+
+        summary = summarize(ranks_from_scores(scores, valid.target_pos), ci=False)
+        return {k: v["value"] for k, v in summary.items()}
+
+    def record(entry: dict[str, Any]) -> None:
+        st["history"].append(entry)
+        if main and log is not None:
+            log(entry)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=st["step"], desc="stage 2", disable=None if main else True)
+    t_start = time.perf_counter() - st["seconds"]
+    model.train()
+    cands: CandidateSet | None = None
+    cands_epoch = -1
+    stop = st["finished"]
+    loss_sum, loss_n = 0.0, 0
+    micro = 0  # micro-batches accumulated into the next update; an update may span an epoch boundary
+    while not stop and st["step"] < cfg.max_steps:
+        sampler.epoch, sampler.start = st["epoch"], st["batch"]
+        if cands_epoch != st["epoch"]:
+            cands = draw_candidates(examples, dataset, size=cfg.candidate_size,
+                                    seed=_epoch_seed(cfg.seed, st["epoch"]))
+            cands_epoch = st["epoch"]
+        assert cands is not None
+        target_pos = cands.target_pos
+        for idx in loader:
+            rows = idx.tolist()
+            prompts, titles = lsr_inputs(dataset, [examples[i].history for i in rows], cands.items[rows], domain,
+                                         teacher_name, cfg.history_len, soft_prompt=soft_prompt is not None)
+            target = torch.as_tensor(target_pos[rows], device=accelerator.device)
+            last = micro == cfg.grad_accum - 1
+            with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():
+                scores = wrapped(prompts, titles)  # [b, C] whole-title log-likelihoods
+                loss = F.cross_entropy(scores.float(), target)
+                total = loss / cfg.grad_accum
+                if last and adalora and cfg.orth_reg_weight > 0:
+                    total = total + cfg.orth_reg_weight * orthogonal_regularizer(model)
+                accelerator.backward(total)
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            st["batch"] += 1
+            micro += 1
+            if not last:
+                continue
+            micro = 0
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            st["step"] += 1
+            if adalora:  # needs this step's gradients: before zero_grad (peft's contract)
+                model.base_model.update_and_allocate(st["step"])
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            step_loss = float(accelerator.reduce(torch.tensor(loss_sum / loss_n, device=accelerator.device),
+                                                 "mean"))
+            loss_sum, loss_n = 0.0, 0
+            entry: dict[str, Any] = {"step": st["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                     "seconds": round(time.perf_counter() - t_start, 3)}
+            at_end = st["step"] >= cfg.max_steps
+            if valid is not None and (st["step"] % cfg.eval_every == 0 or at_end):
+                metrics = evaluate_valid()
+                entry["valid"] = metrics
+                score = metrics[cfg.select_metric]
+                if st["best"] is None or score > st["best"][cfg.select_metric]:
+                    st["best"], st["best_step"], st["bad_evals"] = metrics, st["step"], 0
+                    if main:
+                        _save_best(out_dir, model)
+                else:
+                    st["bad_evals"] += 1
+                    stop = cfg.patience > 0 and st["bad_evals"] >= cfg.patience
+                bar.set_postfix({cfg.select_metric: f"{score:.4f}"})
+            record(entry)
+            if stop or at_end or st["step"] % cfg.eval_every == 0:
+                st["finished"] = stop or at_end
+                st["seconds"] = time.perf_counter() - t_start
+                _save_checkpoint(accelerator, ckpt_dir, fingerprint, st, model, optimizer, scheduler)
+            if stop or at_end:
+                break
+        else:  # epoch exhausted
+            st["epoch"] += 1
+            st["batch"] = 0
+            continue
+        break
+    bar.close()
+
+    # Keep the best adapter (by validation), or the last one when there was no validation.
+    best_file = out_dir / "best.safetensors"
+    if st["best"] is not None and best_file.is_file():
+        _load_best(best_file, model)
+    model.eval()
+    if main:
+        with atomic_dir(out_dir / "adapter") as tmp, warnings.catch_warnings():
+            # AdaLoRA may prune a matrix to rank 0; peft then warns about ZeRO-3/FSDP shards, which is not the case.
+            warnings.filterwarnings("ignore", message=".*have invalid shape.*")
+            model.save_pretrained(str(tmp))
+        steps_run = max(st["step"], 1)
+        write_json(out_dir / "history.json", {
+            "config": cfg.to_dict(), "adapter": cfg.adapter, "processes": world, "n_train_examples": len(examples),
+            "valid_candidates": None if valid is None else valid.hash(), "n_valid": 0 if valid is None else len(valid),
+            "steps": st["step"], "best_step": st["best_step"], "best": st["best"],
+            "stopped_early": bool(st["step"] < cfg.max_steps), "seconds": round(st["seconds"], 3),
+            "seconds_per_step": round(st["seconds"] / steps_run, 4), "history": st["history"],
+            "fingerprint": fingerprint,
+        })
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return backbone
+
+
+def _save_best(out_dir: Path, model: nn.Module) -> None:
+    tensors = _adapter_tensors(model)
+    _, rank_pattern = _allocator_state(model)
+    with atomic_path(out_dir / "best.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"rank_pattern": json.dumps(rank_pattern)})
+
+
+def _load_best(path: Path, model: nn.Module) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    _load_adapter_tensors(model, load_file(str(path)), path)
+    base = getattr(model, "base_model", None)
+    if getattr(base, "rankallocator", None) is not None:
+        base.peft_config[ADAPTER_NAME].rank_pattern = json.loads(meta.get("rank_pattern", "null"))
+
+
+def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, fingerprint: dict[str, Any], st: dict[str, Any],
+                     model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+    from accelerate.utils import gather_object
+
+    # Every process's torch RNG (dropout) goes to the main process, which writes the whole checkpoint at once.
+    rng = gather_object([torch.get_rng_state().numpy().tobytes()])
+    if accelerator.is_main_process:
+        opt_tensors, opt_meta = _optimizer_state(optimizer)
+        alloc_tensors, rank_pattern = _allocator_state(model)
+        with atomic_dir(ckpt_dir) as tmp:
+            save_file(_adapter_tensors(model), str(tmp / "adapter.safetensors"))
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            save_file(alloc_tensors, str(tmp / "allocator.safetensors"))
+            save_file({f"rank{r}": torch.frombuffer(bytearray(b), dtype=torch.uint8) for r, b in enumerate(rng)},
+                      str(tmp / "rng.safetensors"))
+            write_json(tmp / "optimizer.json", opt_meta)
+            write_json(tmp / "scheduler.json", scheduler.state_dict())
+            write_json(tmp / "state.json", {**st, "fingerprint": fingerprint, "rank_pattern": rank_pattern})
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any], model: nn.Module, optimizer: Any,
+                     scheduler: Any, rank: int) -> dict[str, Any]:
+    state_file = ckpt_dir / "state.json"
+    saved = read_json(state_file)
+    old = saved.pop("fingerprint", {})
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: v for k, v in d.items() if k != "config"},
+                **{f"config.{k}": v for k, v in (d.get("config") or {}).items()}}
+
+    old_f, new_f = flat(old), flat(fingerprint)
+    # The process count may change between runs (data order and results do not depend on it).
+    diff = sorted(k for k in set(old_f) | set(new_f) if k != "processes" and old_f.get(k) != new_f.get(k))
+    if diff:
+        raise ConfigError(f"out_dir holds a checkpoint of a different stage-2 run (differs in: {', '.join(diff)}); "
+                          "use another out_dir or delete the checkpoint folder", file=state_file, field="finetune")
+    rank_pattern = saved.pop("rank_pattern", None)
+    _load_adapter_tensors(model, load_file(str(ckpt_dir / "adapter.safetensors")), ckpt_dir)
+    _load_optimizer_state(optimizer, load_file(str(ckpt_dir / "optimizer.safetensors")),
+                          read_json(ckpt_dir / "optimizer.json"))
+    scheduler.load_state_dict(read_json(ckpt_dir / "scheduler.json"))
+    _load_allocator_state(model, load_file(str(ckpt_dir / "allocator.safetensors")), rank_pattern)
+    rng = load_file(str(ckpt_dir / "rng.safetensors"))
+    # Same process count: exact continuation. Otherwise reuse rank 0's stream offset by rank (documented).
+    key = f"rank{rank}" if f"rank{rank}" in rng else "rank0"
+    torch.set_rng_state(rng[key].clone())
+    if key != f"rank{rank}":
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())) + rank)
+    return saved
+
+
+__all__ = ["CPU", "PAPER", "PROFILES", "FinetuneConfig", "finetune", "load_adapter", "orthogonal_regularizer",
+           "peft_config", "resolve_target_modules", "train_examples"]

@@ -1,0 +1,257 @@
+"""Stage 2: config presets and validation, target modules, AdaLoRA training, adapter round trip, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from delrec.data import draw_candidates, make_split
+from delrec.errors import ConfigError
+from delrec.evaluate import lsr_inputs
+from delrec.finetune import (
+    CPU,
+    PAPER,
+    FinetuneConfig,
+    finetune,
+    load_adapter,
+    resolve_target_modules,
+    train_examples,
+)
+from delrec.io import read_json
+from tiny_models import tiny_backbone, tiny_dataset, tiny_soft_prompt, tiny_tokenizer
+
+# Small and fast; the large lr and init scale make 12 steps of a random 2-layer model visibly learn.
+TINY = dict(init_r=6, target_r=2, tinit=3, tfinal=3, lr=0.1, warmup_steps=0, max_steps=12, batch_size=8,
+            grad_accum=1, eval_every=4, patience=0, history_len=6, max_train_examples=16, max_valid_examples=0,
+            eval_batch_size=4, seed=7)
+
+
+def _data():
+    ds = tiny_dataset()
+    return ds, make_split(ds, "user", seed=0)
+
+
+def _fixed_loss(bb, sp, ds, split, cfg) -> float:
+    """CE of the targets on fixed candidates: independent of the training loop's own bookkeeping."""
+    from delrec.llm.scoring import TitleScorer
+
+    exs = train_examples(split, cfg)
+    cs = draw_candidates(exs, ds, 20, seed=99)
+    prompts, titles = lsr_inputs(ds, [e.history for e in exs], cs.items, "movie", "SASRec", cfg.history_len)
+    with torch.no_grad():
+        scores = TitleScorer(bb, sp).score(prompts, titles)
+    return float(F.cross_entropy(scores, torch.as_tensor(cs.target_pos)))
+
+
+def _snapshot(module: torch.nn.Module, adapter: bool) -> dict[str, torch.Tensor]:
+    """Adapter tensors, or base tensors under the names they had before peft wrapped the model."""
+    if hasattr(module, "get_base_model"):
+        module = module.get_base_model()
+    return {n.replace(".base_layer.", "."): p.detach().clone() for n, p in module.named_parameters()
+            if ("lora_" in n) == adapter and (adapter or ".ranknum." not in n)}
+
+
+# --- configuration ---------------------------------------------------------------------------------------------
+def test_paper_profile_has_the_papers_hyperparameters() -> None:
+    p = FinetuneConfig.from_profile("paper")
+    assert p == PAPER.validate()
+    assert (p.adapter, p.init_r, p.lora_alpha, p.lora_dropout) == ("adalora", 320, 32.0, 0.05)
+    assert (p.lr, p.weight_decay, p.warmup_steps, p.max_steps) == (1e-4, 1e-6, 800, 1400)
+    assert (p.grad_accum, p.batch_size, p.grad_clip, p.candidate_size) == (6, 20, 2.0, 20)
+    assert p.schedule() == (140, 280)  # AdaLoRA tinit / tfinal laid out over max_steps
+
+
+def test_cpu_profile_is_small_and_overridable() -> None:
+    c = FinetuneConfig.from_profile("cpu", max_steps=60, seed=3)
+    assert (c.max_steps, c.seed, c.profile) == (60, 3, "cpu")
+    assert c.init_r < 32 and c.target_r <= c.init_r and c.max_steps * c.batch_size * c.grad_accum <= 400
+    assert CPU.validate().history_len <= 10
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("lr", -1.0), ("lr", 0.0), ("batch_size", 0), ("max_steps", 0), ("grad_accum", -2), ("adapter", "qlora"),
+    ("lora_dropout", 1.0), ("target_r", 999), ("select_metric", "MRR"), ("target_modules", "everything"),
+    ("target_modules", []), ("candidate_size", 1), ("weight_decay", -1e-3), ("tinit", 5000), ("patience", -1),
+    ("init_r", True),
+])
+def test_bad_values_raise_config_error_naming_the_field(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        dataclasses.replace(PAPER, **{key: value}).validate()
+    assert err.value.field in (f"finetune.{key}", "finetune.tinit")
+    assert "finetune." in str(err.value)
+
+
+def test_unknown_profile_or_setting_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown profile") as err:
+        FinetuneConfig.from_profile("gpu-cluster")
+    assert err.value.field == "finetune.profile"
+    with pytest.raises(ConfigError) as err:
+        FinetuneConfig.from_profile("cpu", learning_rate=1e-3)
+    assert err.value.field == "finetune.learning_rate"
+
+
+def test_target_modules_resolve_per_architecture() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert resolve_target_modules(tiny_backbone("llama").model) == ["q_proj", "v_proj"]
+    assert resolve_target_modules(tiny_backbone("t5").model) == ["q", "v"]
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer()), n_embd=16, n_layer=1, n_head=2))
+    assert resolve_target_modules(gpt2) == ["c_attn"]
+    assert resolve_target_modules(tiny_backbone("llama").model, ["k_proj", "o_proj"]) == ["k_proj", "o_proj"]
+    with pytest.raises(ConfigError, match="no linear layer named q") as err:
+        resolve_target_modules(tiny_backbone("llama").model, ["q", "v"])
+    assert err.value.field == "finetune.target_modules"
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One AdaLoRA run on the tiny llama, shared by the tests below (~2 s)."""
+    ds, split = _data()
+    cfg = FinetuneConfig.from_profile("cpu", **TINY)
+    bb = tiny_backbone("llama", scale=5.0)
+    sp = tiny_soft_prompt()
+    before = _fixed_loss(bb, sp, ds, split, cfg)
+    base0, sp0 = _snapshot(bb.model, adapter=False), sp.weight.detach().clone()
+    out_dir = tmp_path_factory.mktemp("ft") / "finetune"
+    logged: list[dict] = []
+    returned = finetune(bb, ds, split, sp, "SASRec", cfg, out_dir, log=logged.append)
+    return dict(ds=ds, split=split, cfg=cfg, bb=returned, sp=sp, before=before, base0=base0, sp0=sp0,
+                out_dir=out_dir, logged=logged)
+
+
+def test_adalora_training_lowers_the_loss(trained) -> None:
+    after = _fixed_loss(trained["bb"], trained["sp"], trained["ds"], trained["split"], trained["cfg"])
+    assert after < trained["before"] - 0.05, (trained["before"], after)
+    losses = [e["loss"] for e in trained["logged"]]
+    assert len(losses) == 12
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    assert all(np.isfinite(losses))
+
+
+def test_only_adapter_weights_change(trained) -> None:
+    from peft import PeftModel
+
+    model = trained["bb"].model
+    assert isinstance(model, PeftModel)
+    base_now = _snapshot(model, adapter=False)
+    assert base_now.keys() == trained["base0"].keys()
+    for n, t in trained["base0"].items():
+        assert torch.equal(base_now[n], t), n  # backbone frozen
+    assert torch.equal(trained["sp"].weight, trained["sp0"])  # soft prompt frozen
+    assert not trained["sp"].weight.requires_grad
+    lora = _snapshot(model, adapter=True)
+    lora_E = [t for n, t in lora.items() if "lora_E" in n]
+    assert lora_E and any(t.abs().sum() > 0 for t in lora_E)  # AdaLoRA's E starts at zero: it trained
+
+
+def test_artifacts_and_rank_pruning(trained) -> None:
+    out = trained["out_dir"]
+    hist = read_json(out / "history.json")
+    assert hist["steps"] == 12 and hist["adapter"] == "adalora" and hist["best"] is not None
+    assert [e["step"] for e in hist["history"] if "valid" in e] == [4, 8, 12]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    cfg = read_json(out / "adapter" / "adapter_config.json")
+    assert cfg["peft_type"] == "ADALORA" and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    assert cfg["rank_pattern"], "AdaLoRA should have allocated ranks within 12 steps"
+    kept = sum(sum(v) for v in cfg["rank_pattern"].values())
+    assert kept <= 2 * len(cfg["rank_pattern"])  # pruned to the target budget (target_r=2 per matrix)
+    state = read_json(out / "checkpoint" / "state.json")
+    assert state["finished"] and state["step"] == 12
+    assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_adapter_save_load_round_trip_gives_identical_scores(trained) -> None:
+    from delrec.llm.scoring import TitleScorer
+
+    ds, split, sp = trained["ds"], trained["split"], trained["sp"]
+    cs = draw_candidates(split.examples("test"), ds, 20, seed=5)
+    prompts, titles = lsr_inputs(ds, [e.history for e in split.examples("test")], cs.items, "movie", "SASRec", 6)
+    trained_scores = TitleScorer(trained["bb"], sp).rank(prompts, titles)
+    fresh = load_adapter(tiny_backbone("llama", scale=5.0), trained["out_dir"] / "adapter")
+    assert not any(p.requires_grad for p in fresh.model.parameters())
+    loaded_scores = TitleScorer(fresh, sp).rank(prompts, titles)
+    np.testing.assert_allclose(loaded_scores, trained_scores, rtol=1e-5, atol=1e-6)
+    plain = TitleScorer(tiny_backbone("llama", scale=5.0), sp).rank(prompts, titles)
+    assert not np.allclose(plain, trained_scores, atol=1e-4)  # the adapter does change the scores
+
+
+def test_finished_run_is_not_retrained(trained, tmp_path) -> None:
+    ds, split = trained["ds"], trained["split"]
+    called: list[dict] = []
+    bb = finetune(tiny_backbone("llama", scale=5.0), ds, split, trained["sp"], "SASRec", trained["cfg"],
+                  trained["out_dir"], log=called.append)
+    assert called == []
+    a = _snapshot(bb.model, adapter=True)
+    b = _snapshot(trained["bb"].model, adapter=True)
+    assert all(torch.equal(a[n], b[n]) for n in b)
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path) -> None:
+    ds, split = _data()
+    # Dropout on, AdaLoRA pruning inside the run, 2 micro-batches per step: every piece of state matters.
+    cfg = FinetuneConfig.from_profile("cpu", **{**TINY, "lora_dropout": 0.2, "max_steps": 8, "eval_every": 3,
+                                                "batch_size": 4, "grad_accum": 2, "tinit": 2, "tfinal": 2})
+
+    def run(out: Path, crash_at: int | None) -> dict[str, torch.Tensor]:
+        def log(entry: dict) -> None:
+            if entry["step"] == crash_at:
+                raise KeyboardInterrupt  # as if killed after step 5 (last checkpoint: step 3)
+        bb = tiny_backbone("llama", scale=5.0)
+        finetune(bb, ds, split, tiny_soft_prompt(), "SASRec", cfg, out, log=log)
+        return load_file(str(out / "checkpoint" / "adapter.safetensors"))
+
+    ref = run(tmp_path / "a", None)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", 5)
+    assert read_json(tmp_path / "b" / "checkpoint" / "state.json")["step"] == 3
+    resumed = run(tmp_path / "b", None)
+    assert ref.keys() == resumed.keys()
+    for n in ref:
+        assert torch.equal(ref[n], resumed[n]), n
+    ha, hb = read_json(tmp_path / "a" / "history.json"), read_json(tmp_path / "b" / "history.json")
+    assert [e["loss"] for e in ha["history"]] == [e["loss"] for e in hb["history"]]
+    assert ha["best"] == hb["best"]
+
+
+def test_checkpoint_of_another_run_is_refused(trained) -> None:
+    cfg = dataclasses.replace(trained["cfg"], lr=0.05)
+    with pytest.raises(ConfigError, match="different stage-2 run") as err:
+        finetune(tiny_backbone("llama", scale=5.0), trained["ds"], trained["split"], trained["sp"], "SASRec",
+                 cfg, trained["out_dir"])
+    assert "config.lr" in str(err.value) and err.value.file.endswith("state.json")
+
+
+def test_t5_adalora_trains_q_and_v(tmp_path: Path) -> None:
+    ds, split = _data()
+    cfg = FinetuneConfig.from_profile("cpu", **{**TINY, "max_steps": 3, "eval_every": 3, "tinit": 1, "tfinal": 1})
+    bb = tiny_backbone("t5", scale=3.0)
+    base0 = _snapshot(bb.model, adapter=False)
+    out = finetune(bb, ds, split, tiny_soft_prompt(), "SASRec", cfg, tmp_path)
+    names = [n for n, _ in out.model.named_parameters() if "lora_A" in n]
+    assert names and all(n.split(".lora_A")[0].endswith((".q", ".v")) for n in names)
+    assert all(torch.equal(p, base0[n]) for n, p in _snapshot(out.model, adapter=False).items())
+    assert read_json(tmp_path / "adapter" / "adapter_config.json")["task_type"] == "SEQ_2_SEQ_LM"
+
+
+def test_ablation_switches(tmp_path: Path) -> None:
+    ds, split = _data()
+    # adapter="none": no stage 2 at all; the backbone comes back untouched.
+    bb = tiny_backbone("llama")
+    cfg = FinetuneConfig.from_profile("cpu", **{**TINY, "adapter": "none"})
+    assert finetune(bb, ds, split, tiny_soft_prompt(), "SASRec", cfg, tmp_path / "none").model is bb.model
+    assert not hasattr(bb.model, "peft_config")
+    # Plain LoRA without a soft prompt (the "no soft prompt" ablation) and another teacher name.
+    cfg = FinetuneConfig.from_profile("cpu", **{**TINY, "adapter": "lora", "max_steps": 2, "eval_every": 2})
+    out = finetune(tiny_backbone("llama", scale=5.0), ds, split, None, "GRU4Rec", cfg, tmp_path / "lora")
+    assert read_json(tmp_path / "lora" / "adapter" / "adapter_config.json")["peft_type"] == "LORA"
+    assert any("lora_A" in n for n, _ in out.model.named_parameters())
+    hist = read_json(tmp_path / "lora" / "history.json")
+    assert hist["fingerprint"]["teacher"] == "GRU4Rec" and hist["fingerprint"]["soft_prompt"] is None
