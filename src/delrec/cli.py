@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -127,35 +128,68 @@ def evaluate(runs: Annotated[list[Path], typer.Argument(help="run folders (or re
 def recommend(
     run_dir: RunArg,
     user: Annotated[str | None, typer.Option(help="a user id of the run's dataset")] = None,
-    history: Annotated[str | None, typer.Option(help="titles separated by ';' (for a user not in the data)")] = None,
+    history: Annotated[str | None, typer.Option(help="titles or item indices separated by ';' (for a user not in "
+                                                     "the data)")] = None,
     k: Annotated[int, typer.Option(help="how many items to return")] = 10,
     candidates: Annotated[str | None, typer.Option(help="candidate titles separated by ';' (default: 20 drawn "
                                                         "outside the history)")] = None,
     all_items: Annotated[bool, typer.Option("--all-items", help="rank every item (slow)")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="show which history items moved the top pick")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    seed: Annotated[int, typer.Option(help="seed of the drawn candidate set")] = 0,
     device: DeviceOpt = None,
 ) -> None:
     """Recommend the next items for a user or a typed history, optionally with an explanation."""
-    from delrec.recommend import DELRec, render_explanation, render_recommendations
+    import json
 
-    model = DELRec.from_pretrained(run_dir, device=device)
+    from delrec.recommend import DELRec
+
     if (user is None) == (history is None):
         raise DelrecError("give exactly one of --user or --history", field="--user/--history")
-    hist = model.user_history(user) if user is not None else [t.strip() for t in (history or "").split(";")
-                                                                 if t.strip()]
+    model = DELRec.from_pretrained(run_dir, device=device)
+    hist: list[str | int] = (list(model.user_history(user)) if user is not None
+                             else [t.strip() for t in (history or "").split(";") if t.strip()])
     cands = [t.strip() for t in candidates.split(";") if t.strip()] if candidates else None
     if explain:
-        typer.echo(render_explanation(model.explain(hist, k=k, candidates=cands)))
+        ex = model.explain(hist, k=k, candidates=cands, seed=seed)
+        if as_json:
+            typer.echo(json.dumps(ex.to_dict(), indent=2))
+            return
+        _print_recs(ex.recommendations)
+        typer.echo(f"\nwhy {ex.top.title!r}: history items by influence (score drop when removed)")
+        for inf in ex.influences:
+            typer.echo(f"  {inf.influence:+8.3f}  {inf.title}")
+        if ex.teacher_topk:
+            typer.echo(f"\n{ex.teacher}'s own top-{len(ex.teacher_topk)} (* = among the LLM's candidates)")
+            for t in ex.teacher_topk:
+                typer.echo(f"  {t.rank:3d}{'*' if t.in_candidates else ' '} {t.title}")
+        return
+    recs = model.recommend(hist, k=k, candidates=cands, all_items=all_items, seed=seed)
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(r) for r in recs], indent=2))
     else:
-        typer.echo(render_recommendations(model.recommend(hist, k=k, candidates=cands, all_items=all_items)))
+        _print_recs(recs)
+
+
+def _print_recs(recs: list[Any]) -> None:
+    typer.echo(f"{'rank':>4}  {'score':>8}  title")
+    for i, r in enumerate(recs, start=1):
+        typer.echo(f"{i:>4}  {r.score:8.3f}  {r.title}")
 
 
 @app.command()
-def serve(run_dir: RunArg, host: str = "127.0.0.1", port: int = 8000, device: DeviceOpt = None) -> None:
+def serve(
+    run_dir: RunArg,
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0: all)")] = "127.0.0.1",
+    port: int = 8000,
+    max_history: Annotated[int, typer.Option(help="longest history a request may send")] = 50,
+    max_candidates: Annotated[int, typer.Option(help="largest candidate set a request may send")] = 100,
+    device: DeviceOpt = None,
+) -> None:
     """Serve /recommend, /explain, /health and a small web page over HTTP."""
     from delrec.serve import serve as _serve
 
-    _serve(run_dir, host=host, port=port, device=device)
+    _serve(run_dir, host=host, port=port, device=device, max_history=max_history, max_candidates=max_candidates)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,10 +67,10 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist"):  # numpy / torch arrays and scalars (scalars give a Python number)
         return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

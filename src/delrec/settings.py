@@ -174,6 +174,11 @@ def _coerce(tp: Any, value: Any, path: str, file: str | Path | None, lines: dict
             raise fail("must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                raise fail("must be a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise fail("must be a number")
         return float(value)
