@@ -1,0 +1,124 @@
+"""Speed of candidate scoring on SmolLM2-135M: the one-pass scorer (`TitleScorer.score`) vs one forward pass per
+candidate (`TitleScorer.score_naive`), with a realistic stage-2 prompt.
+
+    OMP_NUM_THREADS=2 python benchmarks/llm_scoring.py            # 10 history titles, 20 candidates, 20 soft tokens
+    OMP_NUM_THREADS=2 python benchmarks/llm_scoring.py --naive-examples 1 --repeats 1
+
+Reports seconds per example (median of ``--repeats``) for fast scoring without grad (ranking), fast scoring with
+grad + backward (a training step's work), and naive scoring without grad; process CPU/wall (≈ threads when the
+machine is otherwise idle) and the fast/naive ratio measured in the same run. Writes
+benchmarks/results/llm_scoring.json and .md (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from delrec.io import write_json, write_text
+from delrec.llm import Backbone, BackboneConfig, SoftPrompt, SoftPromptConfig, TitleScorer, lsr_prompt
+
+TITLES = [
+    "Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Get Shorty (1995)", "Copycat (1995)",
+    "Twelve Monkeys (1995)", "Babe (1995)", "Dead Man Walking (1995)", "Richard III (1995)", "Seven (Se7en) (1995)",
+    "The Usual Suspects (1995)", "Mighty Aphrodite (1995)", "Postino, Il (1994)", "Mr. Holland's Opus (1995)",
+    "French Twist (Gazon maudit) (1995)", "From Dusk Till Dawn (1996)", "White Balloon, The (1995)",
+    "Antonia's Line (1995)", "Angels and Insects (1995)", "Muppet Treasure Island (1996)", "Braveheart (1995)",
+    "Taxi Driver (1976)", "Rumble in the Bronx (1995)", "Birdcage, The (1996)", "Brothers McMullen, The (1995)",
+    "Bad Boys (1995)", "Apollo 13 (1995)", "Batman Forever (1995)", "Belle de jour (1967)", "Crimson Tide (1995)",
+    "Crumb (1994)", "Desperado (1995)", "Doom Generation, The (1995)", "Free Willy 2: The Adventure Home (1995)",
+    "Mad Love (1995)", "Nadja (1994)", "Net, The (1995)", "Strange Days (1995)", "To Wong Foo, Thanks for Everything! "
+    "Julie Newmar (1995)", "Billy Madison (1995)", "Clerks (1994)", "Disclosure (1994)", "Dolores Claiborne (1994)",
+]
+
+
+def examples(n: int, history: int, cands: int, seed: int) -> tuple[list[str], list[list[str]]]:
+    rng = np.random.default_rng(seed)
+    prompts, rows = [], []
+    for _ in range(n):
+        pick = rng.choice(len(TITLES), history + cands, replace=False)
+        hist, row = [TITLES[i] for i in pick[:history]], [TITLES[i] for i in pick[history:]]
+        prompts.append(lsr_prompt("movie", "SASRec", hist, row))
+        rows.append(row)
+    return prompts, rows
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return {"wall_s": statistics.median(walls), "cpu_per_wall": round(sum(cpus) / sum(walls), 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="smollm2-135m")
+    ap.add_argument("--history", type=int, default=10)
+    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--soft-tokens", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4, help="examples per fast forward pass")
+    ap.add_argument("--naive-examples", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+
+    bb = Backbone.load(BackboneConfig(name_or_path=args.backbone))
+    soft = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=args.soft_tokens))
+    scorer = TitleScorer(bb, soft)
+    prompts, rows = examples(args.batch, args.history, args.candidates, seed=0)
+    p_tokens = [len(scorer.encode_prompt(p)) for p in prompts]
+    t_tokens = [len(scorer.encode_title(t)) for r in rows for t in r]
+    with torch.no_grad():
+        scorer.score(prompts[:1], rows[:1])  # warm-up
+        fast = timed(lambda: scorer.score(prompts, rows), args.repeats)
+        n = args.naive_examples
+        naive = timed(lambda: scorer.score_naive(prompts[:n], rows[:n]), 1)
+        diff = float((scorer.score(prompts[:n], rows[:n]) - scorer.score_naive(prompts[:n], rows[:n])).abs().max())
+
+    def train_step() -> None:
+        soft.weight.grad = None
+        s = scorer.score(prompts, rows)
+        torch.nn.functional.cross_entropy(s, torch.zeros(len(prompts), dtype=torch.long)).backward()
+
+    train = timed(train_step, args.repeats)
+    per = {"fast_no_grad": fast["wall_s"] / args.batch, "fast_grad_backward": train["wall_s"] / args.batch,
+           "naive_no_grad": naive["wall_s"] / args.naive_examples}
+    result = {
+        "backbone": args.backbone, "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.processor() or platform.machine(),
+        "history_titles": args.history, "candidates": args.candidates, "soft_tokens": args.soft_tokens,
+        "batch": args.batch, "prompt_tokens_mean": float(np.mean(p_tokens)),
+        "title_tokens_mean": float(np.mean(t_tokens)), "seconds_per_example": per,
+        "speedup_naive_over_fast": per["naive_no_grad"] / per["fast_no_grad"],
+        "cpu_per_wall": {"fast": fast["cpu_per_wall"], "train": train["cpu_per_wall"],
+                         "naive": naive["cpu_per_wall"]},
+        "max_abs_diff_fast_vs_naive": diff, "repeats": args.repeats, "naive_examples": args.naive_examples,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "llm_scoring.json", result)
+    md = [f"# Candidate scoring speed ({args.backbone}, {result['threads']} threads)", "",
+          f"{args.history} history titles, {args.candidates} candidates, {args.soft_tokens} soft tokens; prompt "
+          f"≈{result['prompt_tokens_mean']:.0f} tokens, title ≈{result['title_tokens_mean']:.1f} tokens.", "",
+          "| path | s / example | CPU/wall |", "|---|---|---|",
+          f"| fast, no grad (rank) | {per['fast_no_grad']:.2f} | {fast['cpu_per_wall']} |",
+          f"| fast, grad + backward (train) | {per['fast_grad_backward']:.2f} | {train['cpu_per_wall']} |",
+          f"| naive, no grad | {per['naive_no_grad']:.2f} | {naive['cpu_per_wall']} |", "",
+          f"naive / fast = {result['speedup_naive_over_fast']:.1f}x; max |fast − naive| = {diff:.2e}", ""]
+    write_text(args.out / "llm_scoring.md", "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
