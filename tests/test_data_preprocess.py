@@ -48,7 +48,7 @@ def test_config_validation(kwargs: dict, field: str) -> None:
 def test_defaults_are_valid() -> None:
     cfg = PreprocessConfig().validate()
     assert (cfg.drop_untitled, cfg.kcore, cfg.dedupe_consecutive, cfg.min_seq_len, cfg.max_seq_len) == \
-        (True, 0, False, 3, 200)
+        (True, 0, False, 3, None)
 
 
 def test_drop_untitled_and_reindex() -> None:

@@ -113,9 +113,10 @@ class RunConfig:
             raise ConfigError(f"must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}", field="device")
 
 
-# Stage 1 on 2 CPU cores with SmolLM2-135M: a few minutes (the paper: 800 steps of 20 examples per task on a GPU).
-CPU_DISTILL = DistillConfig(lr=5e-3, warmup_steps=3, total_steps=30, batch_size=4, micro_batch_size=4,
-                            eval_every=15, patience=0, history_len=10, eval_examples=32)
+# Stage 1 on 2 CPU cores with SmolLM2-135M: one step (4 TA + 4 RPS examples, two backward passes for the dynamic
+# weights) takes ~40 s, so 16 steps ≈ 11 minutes (the paper: 800 steps of 20 examples per task on a GPU).
+CPU_DISTILL = DistillConfig(lr=5e-3, warmup_steps=2, total_steps=16, batch_size=4, micro_batch_size=4,
+                            eval_every=8, patience=0, history_len=10, eval_examples=16)
 
 
 def profile(name: str) -> RunConfig:
@@ -123,8 +124,10 @@ def profile(name: str) -> RunConfig:
     if name == "cpu":
         cfg = RunConfig(profile="cpu", soft_prompt=SoftPromptConfig(num_tokens=20), distill=CPU_DISTILL,
                         finetune=FinetuneConfig.from_profile("cpu"))
-        for m in MODELS:  # teachers converge in ~20–40 epochs on ML-100K; cap the tail
-            setattr(cfg.teachers, m, dataclasses.replace(cfg.teachers.config(m), epochs=60, patience=5))
+        # ML-100K user split on 2 cores: 8–26 s per epoch, best validation epoch within the first ~5 (benchmarks/
+        # results/teachers.md), so 10 epochs with patience 3 keeps all three teachers under ~8 minutes.
+        for m in MODELS:
+            setattr(cfg.teachers, m, dataclasses.replace(cfg.teachers.config(m), epochs=10, patience=3))
         return cfg
     if name == "paper":
         return RunConfig(profile="paper", backbone=BackboneConfig(name_or_path="google/flan-t5-xl", dtype="bfloat16"),
@@ -145,6 +148,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(text)
         set_dotted(over, key, value)
     merged = deep_merge(data, over)
+    # RPS reads the exported teacher top-k, so its k is teachers.top_k; copy it before validation checks it.
+    top_k = merged.get("teachers", {}).get("top_k") if isinstance(merged.get("teachers"), dict) else None
+    if top_k is not None and isinstance(merged.get("distill", {}), dict):
+        given = merged.get("distill", {}).get("teacher_k")
+        if given is not None and given != top_k:
+            raise ConfigError(f"differs from teachers.top_k ({top_k}); set only teachers.top_k", file=path,
+                              line=lines.get("distill.teacher_k"), field="distill.teacher_k")
+        merged = deep_merge(merged, {"distill": {"teacher_k": top_k}})
     name = merged.get("profile", "cpu")
     if not isinstance(name, str):
         raise ConfigError(f"must be cpu or paper, got {name!r}", file=path, line=lines.get("profile"), field="profile")

@@ -32,7 +32,8 @@ class PreprocessConfig:
     kcore: int = field(default=0, metadata={"help": "k-core on users and items, iterated to a fixed point; 0 = off"})
     dedupe_consecutive: bool = field(default=False, metadata={"help": "collapse repeats of the same item in a row"})
     min_seq_len: int = field(default=3, metadata={"help": "drop users with fewer interactions (3 allows loo)"})
-    max_seq_len: int | None = field(default=200, metadata={"help": "keep each user's most recent N; None = all"})
+    max_seq_len: int | None = field(default=None, metadata={
+        "help": "keep each user's most recent N; None (default) = all, the dataset as published"})
 
     def validate(self) -> PreprocessConfig:
         for name in ("drop_untitled", "dedupe_consecutive"):

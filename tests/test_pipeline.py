@@ -1,0 +1,169 @@
+"""`delrec run` end to end on a tiny offline setup: run folder contents, and resume after `kill -9`.
+
+The backbone is a random 2-layer llama saved to disk (`delrec.llm.tiny`), the data a generated TSV pair; all stages
+(teachers, stage 1, stage 2, evaluation, report) run for real, just small.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from delrec.io import read_json
+
+TITLE_WORDS = ["red", "blue", "night", "day", "river", "king", "star", "city", "ghost", "dream", "storm", "road"]
+
+
+def _write_data(root: Path, n_users: int = 40, n_items: int = 36) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(n_users):
+        # a walk through the catalogue, so the next item is learnable from the last one
+        start = int(rng.integers(n_items))
+        rows += [(f"u{u}", f"i{(start + 2 * t) % n_items}", 1000 + t) for t in range(int(rng.integers(6, 11)))]
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(root / "interactions.tsv", sep="\t",
+                                                                          index=False)
+    titles = [f"{TITLE_WORDS[i % 12].title()} {TITLE_WORDS[(5 * i + 1) % 12]} ({1980 + i})" for i in range(n_items)]
+    pd.DataFrame({"item_id": [f"i{i}" for i in range(n_items)], "title": titles}).to_csv(
+        root / "items.tsv", sep="\t", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config file pointing at a generated dataset and a tiny saved backbone."""
+    from delrec.llm.tiny import tiny_backbone
+
+    root = tmp_path_factory.mktemp("pipeline")
+    data = _write_data(root / "data")
+    titles = pd.read_csv(data / "items.tsv", sep="\t")["title"].tolist()
+    bb = tiny_backbone("llama", seed=0, extra_text=titles)
+    bb.model.save_pretrained(root / "backbone")
+    bb.tokenizer.save_pretrained(root / "backbone")
+    teacher = {"hidden": 16, "epochs": 4, "patience": 4, "batch_size": 16, "max_len": 10}
+    cfg = {
+        "profile": "cpu",
+        "seed": 3,
+        "data": {"name": "tiny", "path": str(data), "format": "generic", "domain": "movie"},
+        "split": {"kind": "user", "seed": 1},
+        "candidates": {"size": 8, "max_valid": 4},
+        "teachers": {"models": ["sasrec", "gru4rec"], "distill_from": "sasrec", "top_k": 5,
+                     "sasrec": {**teacher, "layers": 1, "heads": 1}, "gru4rec": teacher},
+        "backbone": {"name_or_path": str(root / "backbone"), "dtype": "float32"},
+        "soft_prompt": {"num_tokens": 4},
+        "distill": {"total_steps": 6, "warmup_steps": 0, "batch_size": 2, "micro_batch_size": 2, "eval_every": 1,
+                    "eval_examples": 4, "history_len": 5, "candidate_size": 8},
+        "finetune": {"max_steps": 6, "warmup_steps": 0, "eval_every": 1, "max_train_examples": 8,
+                     "max_valid_examples": 4, "history_len": 5, "batch_size": 1, "grad_accum": 2,
+                     "init_r": 4, "target_r": 2, "candidate_size": 8},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return root
+
+
+def _cmd(root: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "delrec", "run", "--config", str(root / "config.yaml"), "--out", str(out)]
+
+
+def _env() -> dict[str, str]:
+    # one thread: identical float reductions in every process, so resumed and uninterrupted runs can match exactly
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _metrics(out: Path) -> dict[str, dict[str, float]]:
+    m = read_json(out / "metrics.json")
+    return {name: {k: v["value"] for k, v in row["metrics"].items()} for name, row in m["models"].items()}
+
+
+@pytest.fixture(scope="module")
+def reference(setup: Path) -> Path:
+    out = setup / "reference"
+    proc = subprocess.run(_cmd(setup, out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_run_folder_holds_every_artifact(reference: Path) -> None:
+    for rel in ("config.yaml", "manifest.json", "metrics.json", "report.md", "metrics.png", "curves.png",
+                "split.json", "candidates/test.parquet", "candidates/valid.parquet", "data/dataset.json",
+                "teachers/sasrec/model/model.safetensors", "teachers/gru4rec/model/model.safetensors",
+                "teachers/sasrec/topk_train.parquet", "distill/soft_prompt/soft_prompt.safetensors",
+                "finetune/adapter/adapter_config.json", "results/DELRec.json", "predictions/DELRec.parquet"):
+        assert (reference / rel).is_file(), rel
+    metrics = read_json(reference / "metrics.json")
+    assert set(metrics["models"]) == {"SASRec", "GRU4Rec", "DELRec"}
+    for row in metrics["models"].values():
+        assert 0.0 <= row["metrics"]["HR@1"]["value"] <= row["metrics"]["HR@5"]["value"] <= 1.0
+    manifest = read_json(reference / "manifest.json")
+    assert manifest["data_fingerprint"] and manifest["packages"]["torch"]
+    assert manifest["candidates"]["test"]["hash"] == metrics["candidates_hash"]
+    report = (reference / "report.md").read_text(encoding="utf-8")
+    assert "| DELRec |" in report and "![curves](curves.png)" in report
+    # no temporary files left behind by the atomic writers
+    assert not [p for p in reference.rglob("*") if ".tmp" in p.name]
+
+
+def test_rerun_of_a_finished_run_skips_every_stage(setup: Path, reference: Path) -> None:
+    before = read_json(reference / "metrics.json")
+    t0 = time.perf_counter()
+    proc = subprocess.run(_cmd(setup, reference), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "teacher sasrec" not in proc.stdout  # nothing retrained
+    assert _metrics(reference) == {n: {k: v["value"] for k, v in r["metrics"].items()}
+                                   for n, r in before["models"].items()}
+    assert time.perf_counter() - t0 < 120
+
+
+def test_changed_config_is_refused_without_fresh(setup: Path, reference: Path) -> None:
+    proc = subprocess.run([*_cmd(setup, reference), "--set", "distill.lr=0.5"], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "distill" in err[0] and "Traceback" not in proc.stderr
+
+
+# Kill points: a file that appears while the stage is in progress (after its first checkpoint).
+KILL_POINTS = ["teachers/sasrec/checkpoint/state.json", "teachers/gru4rec/checkpoint/state.json",
+               "distill/checkpoint/state.json", "finetune/checkpoint/state.json"]
+
+
+def _run_until(cmd: list[str], marker: Path, timeout: float = 300) -> bool:
+    """Start ``cmd``, SIGKILL it as soon as ``marker`` exists; True if it was killed before finishing."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.perf_counter()
+    while proc.poll() is None and time.perf_counter() - t0 < timeout:
+        if marker.exists():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    proc.wait()
+    return False
+
+
+def test_killed_at_several_points_resumes_to_the_same_metrics(setup: Path, reference: Path) -> None:
+    out = setup / "killed"
+    killed = [_run_until(_cmd(setup, out), out / marker) for marker in KILL_POINTS]
+    assert all(killed), f"the run finished before some kill points: {dict(zip(KILL_POINTS, killed, strict=True))}"
+    assert not (out / "metrics.json").exists()
+    proc = subprocess.run(_cmd(setup, out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _metrics(out) == _metrics(reference)
+    from safetensors.torch import load_file
+
+    for rel in ("distill/soft_prompt/soft_prompt.safetensors", "finetune/adapter/adapter_model.safetensors",
+                "teachers/sasrec/model/model.safetensors"):
+        a, b = load_file(str(out / rel)), load_file(str(reference / rel))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6), (rel, k)
