@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +40,21 @@ def _default_out(cfg) -> Path:  # type: ignore[no-untyped-def]
     return Path("runs") / f"{cfg.data.name}-{cfg.profile}"
 
 
+@contextmanager
+def _no_partial_folder(out: Path) -> Iterator[None]:
+    """A user mistake must not leave a half-made run folder: remove the folder if this call created it and failed
+    before any model was trained (a later failure keeps the checkpoints so the run can resume)."""
+    existed = out.exists()
+    try:
+        yield
+    except DelrecError:
+        if not existed and out.exists() and not any((out / d).exists() for d in ("teachers", "distill", "finetune")):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def _fresh(out: Path) -> None:
     import shutil
 
@@ -57,7 +74,8 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, out: OutOpt = None, 
     out = out or _default_out(cfg)
     if fresh:
         _fresh(out)
-    summary = run_pipeline(Run(out, cfg), until=until)
+    with _no_partial_folder(out):
+        summary = run_pipeline(Run(out, cfg), until=until)
     typer.echo(summary)
 
 
@@ -78,11 +96,13 @@ def data_prepare(
         if value is not None:
             over.append(f"{key}={value}")
     cfg = _config(config, over)
-    r = Run(out or _default_out(cfg), cfg)
-    ds = r.prepare_data() if not r.done("data") else r.dataset
-    r.split  # noqa: B018  (writes split.json)
-    for part in ("valid", "test"):
-        r.candidates(part)  # type: ignore[arg-type]
+    out = out or _default_out(cfg)
+    with _no_partial_folder(out):
+        r = Run(out, cfg)
+        ds = r.prepare_data() if not r.done("data") else r.dataset
+        r.split  # noqa: B018  (writes split.json)
+        for part in ("valid", "test"):
+            r.candidates(part)  # type: ignore[arg-type]
     typer.echo(f"{r.dir}: {ds.name} ({ds.source}) {ds.stats()}; split {r.split.kind}; candidates "
                f"{r.manifest['candidates']}")
 

@@ -37,6 +37,11 @@ class SplitConfig:
     seed: int = 42
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # user split only
 
+    def validate(self) -> None:
+        r = self.ratios
+        if len(r) != 3 or any(x < 0 for x in r) or abs(sum(r) - 1.0) > 1e-6:
+            raise ConfigError(f"must be three non-negative numbers summing to 1, got {list(r)}", field="split.ratios")
+
 
 @dataclass
 class CandidateConfig:
@@ -111,6 +116,11 @@ class RunConfig:
     def validate(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}", field="device")
+        # Every user must yield examples: a history item + target (user split), plus a validation target (loo).
+        need = 3 if self.split.kind == "loo" else 2
+        if self.data.preprocess.min_seq_len < need:
+            raise ConfigError(f"must be at least {need} for the {self.split.kind!r} split, got "
+                              f"{self.data.preprocess.min_seq_len}", field="data.preprocess.min_seq_len")
 
 
 # Stage 1 on 2 CPU cores with SmolLM2-135M: one step (4 TA + 4 RPS examples, two backward passes for the dynamic

@@ -20,14 +20,18 @@ from delrec.errors import ConfigError
 T = TypeVar("T")
 
 
-def yaml_lines(text: str) -> dict[str, int]:
-    """Map dotted key paths (``finetune.lr``) to 1-based line numbers in a YAML document."""
+def yaml_lines(text: str, file: str | Path | None = None) -> dict[str, int]:
+    """Map dotted key paths (``finetune.lr``) to 1-based line numbers in a YAML document; a key given twice in one
+    mapping is an error (PyYAML would silently keep the last one)."""
     out: dict[str, int] = {}
 
     def walk(node: yaml.Node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 path = f"{prefix}.{key.value}" if prefix else str(key.value)
+                if path in out:
+                    raise ConfigError(f"given twice (first on line {out[path]})", file=file,
+                                      line=key.start_mark.line + 1, field=path)
                 out[path] = key.start_mark.line + 1
                 walk(value, path)
 
@@ -59,7 +63,7 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("the config must be a mapping of sections", file=path, line=1)
-    return data, yaml_lines(text)
+    return data, yaml_lines(text, path)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
