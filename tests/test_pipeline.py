@@ -167,3 +167,24 @@ def test_killed_at_several_points_resumes_to_the_same_metrics(setup: Path, refer
         assert a.keys() == b.keys()
         for k in a:
             assert np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6), (rel, k)
+
+
+def test_reuse_copies_only_stages_whose_settings_match(setup: Path, reference: Path, tmp_path: Path) -> None:
+    from delrec.pipeline import Run, load_config, reuse_stages
+
+    # no stage 2: data, both teachers and stage 1 are shared with the reference run, so nothing is retrained
+    out = tmp_path / "no_stage2"
+    proc = subprocess.run([*_cmd(setup, out), "--reuse", str(reference), "--set", "finetune.adapter=none"],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reused from" in proc.stdout and "distill" in proc.stdout.split("reused from")[1].splitlines()[0]
+    assert not (out / "finetune" / "adapter").exists()
+    ref, got = _metrics(reference), _metrics(out)
+    assert got["SASRec"] == ref["SASRec"] and got["GRU4Rec"] == ref["GRU4Rec"]
+    assert read_json(out / "metrics.json")["candidates_hash"] == read_json(reference / "metrics.json")[
+        "candidates_hash"]
+    # a different stage-1 setting keeps the teachers but not the soft prompt; a different split keeps nothing
+    cfg = load_config(setup / "config.yaml", ["distill.lr=0.5"])
+    assert reuse_stages(Run(tmp_path / "lr", cfg), reference) == ["data", "teacher:sasrec", "teacher:gru4rec"]
+    cfg = load_config(setup / "config.yaml", ["split.seed=9"])
+    assert reuse_stages(Run(tmp_path / "split", cfg), reference) == []

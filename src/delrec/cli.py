@@ -66,16 +66,23 @@ def _fresh(out: Path) -> None:
 def run(config: ConfigOpt = None, overrides: SetOpt = None, out: OutOpt = None, device: DeviceOpt = None,
         fresh: Annotated[bool, typer.Option(help="delete the run folder first instead of resuming")] = False,
         until: Annotated[str | None, typer.Option(help="stop after this stage: data|teachers|distill|finetune")] = None,
+        reuse: Annotated[Path | None, typer.Option(help="copy the data, teachers and stage 1 of this finished run "
+                                                        "where their settings match (ablations)")] = None,
+        log: Annotated[str | None, typer.Option(help="tensorboard: write losses, task weights and validation "
+                                                     "metrics to RUN/tensorboard (config key `log`)")] = None,
         ) -> None:
     """Run the whole pipeline (teachers → distill → AdaLoRA → evaluation → report); resumes an interrupted run."""
-    from delrec.pipeline import Run, run_pipeline
+    from delrec.pipeline import Run, reuse_stages, run_pipeline
 
-    cfg = _config(config, overrides, device)
+    cfg = _config(config, [*(overrides or []), *([f"log={log}"] if log else [])], device)
     out = out or _default_out(cfg)
     if fresh:
         _fresh(out)
     with _no_partial_folder(out):
-        summary = run_pipeline(Run(out, cfg), until=until)
+        r = Run(out, cfg)
+        if reuse is not None and not r.done("data"):
+            typer.echo(f"reused from {reuse}: {', '.join(reuse_stages(r, reuse)) or 'nothing (settings differ)'}")
+        summary = run_pipeline(r, until=until)
     typer.echo(summary)
 
 

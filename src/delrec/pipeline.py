@@ -502,6 +502,68 @@ def report_stage(run: Run) -> dict[str, Any]:
     return metrics
 
 
+def reuse_stages(run: Run, base_dir: str | Path) -> list[str]:
+    """Copy into a fresh ``run`` the stages of the finished run ``base_dir`` whose settings are identical — data, split
+    and frozen candidates; then each teacher; then stage 1 — so ablations don't retrain what they share.
+
+    Returns the reused stage names. A stage is reused only when every setting it depends on matches, so results stay
+    those of an uninterrupted run with this config; the candidate hashes are checked after the copy.
+    """
+    import shutil
+
+    base = Run(base_dir, log=run.say)
+    if any(run.manifest["stages"].values()):
+        raise ConfigError(f"{run.dir} already holds stages; reuse only fills a fresh run folder", field="--reuse")
+    a, b = to_dict(base.cfg), to_dict(run.cfg)
+    same = lambda *keys: all(_get(a, k) == _get(b, k) for k in keys)  # noqa: E731
+    data_keys = ("data", "split", "candidates")
+    if not (base.done("data") and same(*data_keys)):
+        return []
+
+    def copy(rel: str) -> None:
+        src, dst = base.dir / rel, run.dir / rel
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        elif src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+
+    for rel in ("data", "split.json", "candidates"):
+        copy(rel)
+    for key in ("data_source", "data_fingerprint", "data_stats", "candidates"):
+        if key in base.manifest:
+            run.manifest[key] = base.manifest[key]
+    reused = ["data"]
+    run.mark("data", **{k: v for k, v in base.manifest["stages"]["data"].items() if k != "done"}, reused=str(base.dir))
+    for name in MODELS:
+        key = f"teacher:{name}"
+        if base.done(key) and same(*data_keys, f"teachers.{name}", "teachers.top_k"):
+            for rel in (f"teachers/{name}", f"results/{name}.json", f"predictions/{name}.parquet"):
+                copy(rel)
+            run.mark(key + ":trained")
+            run.mark(key, **{k: v for k, v in base.manifest["stages"][key].items() if k != "done"},
+                     reused=str(base.dir))
+            reused.append(key)
+    teacher = run.cfg.teachers.distill_from
+    if (base.done("distill") and f"teacher:{teacher}" in reused
+            and same("teachers.distill_from", "backbone", "soft_prompt", "distill")):
+        copy("distill")
+        run.mark("distill", **{k: v for k, v in base.manifest["stages"]["distill"].items() if k != "done"},
+                 reused=str(base.dir))
+        reused.append("distill")
+    run._dataset = run._split = None
+    for part in ("valid", "test"):
+        if run.candidates(part).hash() != base.candidates(part).hash():  # type: ignore[arg-type]
+            raise ConfigError(f"copied {part} candidates differ from {base.dir}'s", field="--reuse")
+    return reused
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None  # type: ignore[assignment]
+    return d
+
+
 def run_pipeline(run: Run, until: str | None = None) -> str:
     """All stages in order, each skipped when already done; returns a one-paragraph summary."""
     if until is not None and until not in STAGES:
