@@ -63,7 +63,7 @@ def summarise(out: Path, setting: str, note: str, overrides: list[str]) -> dict[
     stages = read_json(out / "manifest.json")["stages"]
     reused = sorted(k for k, v in stages.items() if v.get("reused"))
     seconds = {k: v.get("seconds", v.get("train_s")) for k, v in stages.items() if "seconds" in v or "train_s" in v}
-    return {"setting": setting, "note": note, "overrides": overrides, "run": str(out.relative_to(ROOT)),
+    return {"setting": setting, "note": note, "overrides": overrides, "run": os.path.relpath(out, ROOT),
             "dataset": m["dataset"], "split": m["split"], "n_test": m["n_test"],
             "candidates_hash": m["candidates_hash"], "reused": reused, "stage_seconds": seconds,
             "models": {name: {**{k: v["value"] for k, v in row["metrics"].items()},
