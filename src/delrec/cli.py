@@ -42,24 +42,41 @@ def _default_out(cfg) -> Path:  # type: ignore[no-untyped-def]
 
 @contextmanager
 def _no_partial_folder(out: Path) -> Iterator[None]:
-    """A user mistake must not leave a half-made run folder: remove the folder if this call created it and failed
-    before any model was trained (a later failure keeps the checkpoints so the run can resume)."""
+    """A user mistake must not leave a half-made run folder: remove what this call wrote if it failed before any
+    model was trained (a later failure keeps the checkpoints so the run can resume); a folder that existed stays."""
     existed = out.exists()
+    try:
+        was_empty = out.is_dir() and not any(out.iterdir())
+    except OSError:
+        was_empty = False
     try:
         yield
     except DelrecError:
-        if not existed and out.exists() and not any((out / d).exists() for d in ("teachers", "distill", "finetune")):
-            import shutil
+        from delrec.pipeline import clear_run_entries, is_run_folder
 
-            shutil.rmtree(out, ignore_errors=True)
+        if ((not existed or was_empty) and out.is_dir()
+                and not any((out / d).exists() for d in ("teachers", "distill", "finetune"))):
+            if is_run_folder(out):  # only delrec's own entries go, whatever else appeared meanwhile
+                clear_run_entries(out)
+            if not existed and not any(out.iterdir()):
+                out.rmdir()
         raise
 
 
-def _fresh(out: Path) -> None:
-    import shutil
+def _check_inputs(cfg, config: Path | None) -> None:  # type: ignore[no-untyped-def]
+    """What can be checked before anything is deleted or written: a typo in data.path must not cost a run folder."""
+    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+        raise DelrecError("no such file or folder", file=cfg.data.path, field="data.path")
+    if config is not None and not config.is_file():
+        raise DelrecError("config file not found", file=config)
 
-    if out.exists():
-        shutil.rmtree(out)
+
+def _fresh(out: Path, cfg, config: Path | None) -> None:  # type: ignore[no-untyped-def]
+    from delrec.llm.backbone import cache_root
+    from delrec.pipeline import remove_run_folder
+
+    protect = [p for p in (config, Path(cfg.data.path) if cfg.data.path else None, cache_root()) if p is not None]
+    remove_run_folder(out, protect)
 
 
 @app.command()
@@ -76,8 +93,9 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, out: OutOpt = None, 
 
     cfg = _config(config, [*(overrides or []), *([f"log={log}"] if log else [])], device)
     out = out or _default_out(cfg)
+    _check_inputs(cfg, config)
     if fresh:
-        _fresh(out)
+        _fresh(out, cfg, config)
     with _no_partial_folder(out):
         r = Run(out, cfg)
         if reuse is not None and not r.done("data"):
@@ -219,24 +237,59 @@ def serve(
     _serve(run_dir, host=host, port=port, device=device, max_history=max_history, max_candidates=max_candidates)
 
 
+def _click_errors() -> tuple[type[Exception], ...]:
+    """The usage-error base classes the installed typer may raise: typer ≥0.26 raises those of its vendored click
+    (``typer._click``), older typer those of upstream click; both are caught so neither upgrade shows a traceback."""
+    import importlib
+
+    found: list[type[Exception]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _aborts() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [typer.Abort]
+    try:
+        import click
+
+        found.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def _fail(message: str) -> None:
+    from delrec.errors import clip
+
+    typer.echo(f"error: {clip(' '.join(message.split()))}", err=True)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors (exit 2) for user mistakes, tracebacks only for bugs."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except DelrecError as e:
-        typer.echo(f"error: {e.one_line()}", err=True)
-        sys.exit(2)
-    except typer.Abort:
+        _fail(e.one_line())
+    except _aborts():
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(e, click.ClickException):
-            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
-            sys.exit(2)
-        raise
-    sys.exit(0)
+    except _click_errors() as e:  # usage errors arrive here with standalone_mode=False
+        if type(e).__name__ == "NoArgsIsHelpError":  # `delrec` / `delrec data` alone: the help, not an error
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(getattr(e, "exit_code", 2))
+        _fail(e.format_message())  # type: ignore[attr-defined]
+    except OSError as e:
+        # Safety net: an unreadable/odd user path (permissions, a directory given as a file, a symlink loop, a name
+        # too long) is the user's to fix, not a bug; anything without a path keeps its traceback.
+        if e.filename is None:
+            raise
+        _fail(f"{e.filename}: {e.strerror or type(e).__name__}")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from os import PathLike
 
+# An error line never grows with the input: a 10 MB title or a huge YAML value would otherwise be echoed back whole.
+MAX_LINE = 300
+
+
+def clip(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` cut to ``limit`` characters, marking the cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class DelrecError(Exception):
     """An input error that names where it happened: ``file:line: field: message``."""
@@ -32,7 +40,7 @@ class DelrecError(Exception):
             where = self.file if self.line is None else f"{self.file}:{self.line}"
         parts = [p for p in (where, f"field '{self.field}'" if self.field else "") if p]
         text = " ".join(self.message.split())  # one line, whatever the message held
-        return f"{': '.join(parts)}: {text}" if parts else text
+        return clip(f"{': '.join(parts)}: {text}" if parts else text)
 
 
 class ConfigError(DelrecError):

@@ -207,6 +207,99 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+# --- the run folder as delrec's own: what it may write into and what --fresh may delete ------------------------------
+# Top-level entries delrec writes in a run folder (docs/run-folder.md); nothing else is ever deleted.
+RUN_ENTRIES = frozenset({"config.yaml", "manifest.json", "data", "split.json", "candidates", "teachers", "distill",
+                         "finetune", "predictions", "results", "metrics.json", "report.md", "metrics.png",
+                         "curves.png", "tensorboard"})
+
+
+def _own_entry(name: str) -> bool:
+    """A layout entry, or a leftover of delrec.io's atomic writes (``.config.yaml.x1y2.tmp``, ``.data.old``)."""
+    if name in RUN_ENTRIES:
+        return True
+    return name.startswith(".") and name.endswith((".tmp", ".old")) and any(
+        name.startswith(f".{e}.") for e in RUN_ENTRIES)
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """True when ``path`` holds the manifest.json delrec writes first into every run folder it makes."""
+    try:
+        manifest = read_json(Path(path) / "manifest.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict)
+
+
+def _entries(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except OSError as e:
+        raise ConfigError(f"cannot list the folder ({e.strerror})", file=path, field="--out") from None
+
+
+def check_out_dir(path: Path) -> None:
+    """Refuse to write a run into anything but a new folder, an empty one, or a delrec run folder: a user's
+    config.yaml or data next to it must never be overwritten."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError("is a file, not a run folder; choose another --out", file=path, field="--out")
+    if path.is_dir() and _entries(path) and not is_run_folder(path):
+        raise ConfigError("is not empty and not a delrec run folder (no valid manifest.json); delrec writes only "
+                          "into a new or empty folder or a run folder it made; choose another --out",
+                          file=path, field="--out")
+
+
+def clear_run_entries(path: Path) -> None:
+    """Delete what delrec wrote in ``path`` (the RUN_ENTRIES), never following a symbolic link out of it."""
+    import shutil
+
+    for entry in _entries(path):
+        if not _own_entry(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def remove_run_folder(path: Path, protect: list[Path]) -> None:
+    """``--fresh``: delete ``path`` only if delrec made it and it holds nothing else; never a folder that is, or
+    contains, the working directory, the home folder or one of ``protect`` (the config file, the data)."""
+    if path.is_symlink():
+        raise ConfigError("is a symbolic link; --fresh deletes only a real run folder", file=path, field="--fresh")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError("is a file, not a run folder; --fresh deletes only run folders", file=path, field="--fresh")
+    real = path.resolve()
+    named = [(Path.cwd(), "the working directory"), (Path.home(), "your home folder")]
+    for p, what in [*named, *((p, str(p)) for p in protect)]:
+        p = p.expanduser().resolve()
+        if real == p or real in p.parents:
+            raise ConfigError(f"--fresh would delete {what}; choose another --out", file=path, field="--fresh")
+    if not is_run_folder(path):
+        raise ConfigError("not a delrec run folder (no valid manifest.json); --fresh deletes only folders delrec "
+                          "made", file=path, field="--fresh")
+    foreign = [e.name for e in _entries(path) if not _own_entry(e.name)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
+        raise ConfigError(f"holds files delrec did not write ({shown}); move them or choose another --out",
+                          file=path, field="--fresh")
+    clear_run_entries(path)
+    path.rmdir()
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"unreadable run manifest ({type(e).__name__}); delete the run folder by hand or choose "
+                          "another --out", file=path) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+        raise ConfigError("not a delrec run manifest (no 'stages' mapping)", file=path)
+    return manifest
+
+
 class Run:
     """A run folder: resolved config, manifest, and lazily loaded artifacts of each stage."""
 
@@ -214,6 +307,8 @@ class Run:
         self.dir = Path(run_dir)
         self.say = log
         cfg_file = self.dir / "config.yaml"
+        if cfg is not None:  # writing a run: only into a new or empty folder or a delrec run folder
+            check_out_dir(self.dir)
         if cfg is None:
             if not cfg_file.is_file():
                 raise ConfigError("not a run folder (no config.yaml)", file=self.dir)
@@ -226,10 +321,12 @@ class Run:
                                   "choose another --out or pass --fresh", field=changed)
         self.cfg = cfg
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_text(cfg_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.manifest: dict[str, Any] = read_json(self.dir / "manifest.json") if (
-            self.dir / "manifest.json").is_file() else {"stages": {}}
+        manifest_file = self.dir / "manifest.json"
+        self.manifest: dict[str, Any] = _read_manifest(manifest_file) if manifest_file.is_file() else {"stages": {}}
         self.manifest["packages"] = package_versions()
+        if not manifest_file.is_file():  # first, so the folder is known as delrec's before any other file lands
+            write_json(manifest_file, self.manifest)
+        write_text(cfg_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self._dataset: SeqDataset | None = None
         self._split: Split | None = None
 
