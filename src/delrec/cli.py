@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from delrec.errors import DelrecError
+from delrec.settings import MAX_SEED
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DELRec: distil sequential patterns from conventional recommenders into an LLM recommender.")
@@ -175,13 +176,13 @@ def recommend(
     user: Annotated[str | None, typer.Option(help="a user id of the run's dataset")] = None,
     history: Annotated[str | None, typer.Option(help="titles or item indices separated by ';' (for a user not in "
                                                      "the data)")] = None,
-    k: Annotated[int, typer.Option(help="how many items to return")] = 10,
+    k: Annotated[int, typer.Option(min=1, help="how many items to return")] = 10,
     candidates: Annotated[str | None, typer.Option(help="candidate titles separated by ';' (default: 20 drawn "
                                                         "outside the history)")] = None,
     all_items: Annotated[bool, typer.Option("--all-items", help="rank every item (slow)")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="show which history items moved the top pick")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
-    seed: Annotated[int, typer.Option(help="seed of the drawn candidate set")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of the drawn candidate set")] = 0,
     device: DeviceOpt = None,
 ) -> None:
     """Recommend the next items for a user or a typed history, optionally with an explanation."""
@@ -226,9 +227,9 @@ def _print_recs(recs: list[Any]) -> None:
 def serve(
     run_dir: RunArg,
     host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0: all)")] = "127.0.0.1",
-    port: int = 8000,
-    max_history: Annotated[int, typer.Option(help="longest history a request may send")] = 50,
-    max_candidates: Annotated[int, typer.Option(help="largest candidate set a request may send")] = 100,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
+    max_history: Annotated[int, typer.Option(min=1, help="longest history a request may send")] = 50,
+    max_candidates: Annotated[int, typer.Option(min=1, help="largest candidate set a request may send")] = 100,
     device: DeviceOpt = None,
 ) -> None:
     """Serve /recommend, /explain, /health and a small web page over HTTP."""

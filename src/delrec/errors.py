@@ -37,7 +37,8 @@ class DelrecError(Exception):
     def one_line(self) -> str:
         where = ""
         if self.file is not None:
-            where = self.file if self.line is None else f"{self.file}:{self.line}"
+            file = self.file if len(self.file) <= 120 else f"{self.file[:60]}…{self.file[-59:]}"  # keep the message
+            where = file if self.line is None else f"{file}:{self.line}"
         parts = [p for p in (where, f"field '{self.field}'" if self.field else "") if p]
         text = " ".join(self.message.split())  # one line, whatever the message held
         return clip(f"{': '.join(parts)}: {text}" if parts else text)

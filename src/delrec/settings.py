@@ -15,9 +15,72 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from delrec.errors import ConfigError
+from delrec.errors import ConfigError, clip
 
 T = TypeVar("T")
+
+# Bounds on a config file, checked before any Python object is built: a config is a few KB, and a YAML alias bomb
+# (nine levels of nine aliases) is tiny on disk but expands to 9**9 values in every walk over it.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_ALIASES = 100
+MAX_YAML_VALUES = 100_000
+# numpy's SeedSequence and torch.manual_seed take non-negative seeds; 32 bits keeps every consumer happy.
+MAX_SEED = 2**32 - 1
+
+
+class _YAMLTooBig(Exception):
+    def __init__(self, message: str, line: int | None) -> None:
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that counts aliases while composing, so a bomb is refused before it is expanded."""
+
+    aliases = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                line = self.peek_event().start_mark.line + 1
+                raise _YAMLTooBig(f"more than {MAX_YAML_ALIASES} YAML aliases (*name)", line)
+        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values the document holds once every alias is expanded (a shared node counts each time)."""
+    memo: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) not in memo:
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            memo[id(node)] = 1 + sum(size(c) for c in children)
+        return memo[id(node)]
+
+    return size(root)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The YAML node tree of ``text``, refusing alias bombs (raises yaml.YAMLError or _YAMLTooBig)."""
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+    finally:
+        loader.dispose()
+    if root is not None and _expanded_size(root) > MAX_YAML_VALUES:
+        raise _YAMLTooBig(f"the YAML expands to more than {MAX_YAML_VALUES} values (aliases?)", None)
+    return root
+
+
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load`` within the bounds above."""
+    root = _compose(text)
+    return None if root is None else _BoundedLoader("").construct_document(root)
 
 
 def yaml_lines(text: str, file: str | Path | None = None) -> dict[str, int]:
@@ -36,8 +99,8 @@ def yaml_lines(text: str, file: str | Path | None = None) -> dict[str, int]:
                 walk(value, path)
 
     try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
+        root = _compose(text)
+    except (yaml.YAMLError, _YAMLTooBig):  # load_yaml reports these
         return out
     if root is not None:
         walk(root, "")
@@ -48,13 +111,23 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Read a YAML mapping; returns (data, line numbers by dotted key)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.is_dir():
+            raise ConfigError("is a folder, not a YAML file", file=path)
+        with path.open("rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise ConfigError(f"larger than {MAX_YAML_BYTES >> 20} MB; a config is a few KB", file=path)
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError("config file not found", file=path) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text ({e.reason})", file=path) from None
+    except OSError as e:  # unreadable, a symlink loop, a name too long …
+        raise ConfigError(f"cannot read the config file ({e.strerror or type(e).__name__})", file=path) from None
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
+    except _YAMLTooBig as e:
+        raise ConfigError(e.message, file=path, line=e.line) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", file=path,
@@ -72,9 +145,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value", field="--set")
     key, _, raw = text.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except _YAMLTooBig as e:
+        raise ConfigError(e.message, field=key.strip() or "--set") from None
     return key.strip(), value
 
 
@@ -116,6 +191,11 @@ def build(cls: type[T], data: dict[str, Any] | None, *, prefix: str = "", file: 
                               line=lines.get(path), field=path)
         start = getattr(base, key) if base is not None else None
         kwargs[key] = _coerce(hints[key], value, path, file, lines, start)
+        # One rule for every seed of every component (their validate() need not repeat it).
+        v = kwargs[key]
+        if (key == "seed" or key.endswith("_seed")) and isinstance(v, int) and not 0 <= v <= MAX_SEED:
+            raise ConfigError(f"a seed must be an integer from 0 to {MAX_SEED}, got {v}", file=file,
+                              line=lines.get(path), field=path)
     obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)  # type: ignore[type-var]
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -131,8 +211,8 @@ def build(cls: type[T], data: dict[str, Any] | None, *, prefix: str = "", file: 
 
 
 def _coerce(tp: Any, value: Any, path: str, file: str | Path | None, lines: dict[str, int], start: Any) -> Any:
-    def fail(why: str) -> ConfigError:
-        return ConfigError(f"{why}, got {value!r}", file=file, line=lines.get(path), field=path)
+    def fail(why: str) -> ConfigError:  # the value's repr is clipped: it may be a huge list or text
+        return ConfigError(f"{why}, got {clip(repr(value), 80)}", file=file, line=lines.get(path), field=path)
 
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
