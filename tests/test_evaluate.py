@@ -144,9 +144,12 @@ def test_evaluate_llm_ranks_every_row_like_the_scorer(with_prompt: bool) -> None
     assert res.n == len(cs) and res.candidate_hash == cs.hash() and res.valid_ratio == 1.0
     assert ((res.ranks >= 1) & (res.ranks <= 20)).all()
     # Same numbers as scoring the rows one by one (batching, sorting and padding change nothing).
-    prompts, titles = lsr_inputs(ds, hist, cs.items, "movie", "SASRec", 5, soft_prompt=sp is not None)
+    from delrec.llm.prompts import ScoringConfig
+
+    sc = ScoringConfig()
+    prompts, titles = lsr_inputs(ds, hist, cs.items, "movie", "SASRec", 5, soft_prompt=sp is not None, year=sc.year)
     with torch.no_grad():
-        scorer = TitleScorer(bb, sp)
+        scorer = TitleScorer(bb, sp, append_eos=sc.append_eos(bb.kind))
         ref = np.concatenate([scorer.score([p], [t]).numpy() for p, t in zip(prompts, titles, strict=True)])
     np.testing.assert_allclose(res.scores, ref, rtol=1e-4, atol=1e-5)
     assert res.ranks.tolist() == evaluate_scores(ref, cs).ranks.tolist()

@@ -39,13 +39,16 @@ def _data():
 
 def _fixed_loss(bb, sp, ds, split, cfg) -> float:
     """CE of the targets on fixed candidates: independent of the training loop's own bookkeeping."""
+    from delrec.llm.prompts import ScoringConfig
     from delrec.llm.scoring import TitleScorer
 
+    sc = ScoringConfig()  # what finetune() trains with by default
     exs = train_examples(split, cfg)
     cs = draw_candidates(exs, ds, 20, seed=99)
-    prompts, titles = lsr_inputs(ds, [e.history for e in exs], cs.items, "movie", "SASRec", cfg.history_len)
+    prompts, titles = lsr_inputs(ds, [e.history for e in exs], cs.items, "movie", "SASRec", cfg.history_len,
+                                 year=sc.year)
     with torch.no_grad():
-        scores = TitleScorer(bb, sp).score(prompts, titles)
+        scores = TitleScorer(bb, sp, append_eos=sc.append_eos(bb.kind)).score(prompts, titles)
     return float(F.cross_entropy(scores, torch.as_tensor(cs.target_pos)))
 
 
@@ -162,7 +165,11 @@ def test_artifacts_and_rank_pruning(trained) -> None:
     assert cfg["peft_type"] == "ADALORA" and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
     assert cfg["rank_pattern"], "AdaLoRA should have allocated ranks within 12 steps"
     kept = sum(sum(v) for v in cfg["rank_pattern"].values())
-    assert kept <= 2 * len(cfg["rank_pattern"])  # pruned to the target budget (target_r=2 per matrix)
+    # The saved adapter is the best validation step's; pruning reaches the target budget (target_r=2 per matrix)
+    # only after step max_steps - tfinal = 9, so an earlier best step keeps more, though fewer than init_r=6.
+    assert kept < 6 * len(cfg["rank_pattern"])
+    if hist["best_step"] == 12:
+        assert kept <= 2 * len(cfg["rank_pattern"])
     state = read_json(out / "checkpoint" / "state.json")
     assert state["finished"] and state["step"] == 12
     assert not [p for p in out.rglob("*.tmp")]

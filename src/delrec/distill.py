@@ -37,7 +37,8 @@ from delrec.data.splits import Example, Split
 from delrec.errors import ConfigError, DataError
 from delrec.io import atomic_dir, read_json, write_json
 from delrec.llm.backbone import Backbone
-from delrec.llm.prompts import domain_words, lsr_prompt, rps_prompt, ta_prompt, truncate_history
+from delrec.llm.prompts import ScoringConfig, domain_words, rps_prompt, ta_prompt, title_views, truncate_history
+from delrec.llm.prompts import render_lsr as prompts_lsr
 from delrec.llm.scoring import TitleScorer
 from delrec.llm.soft_prompt import SoftPrompt, SoftPromptConfig
 from delrec.metrics import hit_rate, ndcg, ranks_from_scores
@@ -230,50 +231,47 @@ def build_rps_examples(split: Split, dataset: SeqDataset, teacher_topk: np.ndarr
 Rendered = tuple[list[str], list[list[str]], np.ndarray]
 
 
-def _titles(dataset: SeqDataset, items: Sequence[int] | np.ndarray) -> list[str]:
-    return [dataset.titles[int(i)] for i in items]
-
-
 def render_ta(examples: Sequence[TAExample], dataset: SeqDataset, teacher: str, history_len: int,
-              domain: str | None = None, soft_prompt: bool = True) -> Rendered:
+              domain: str | None = None, soft_prompt: bool = True, year: str = "keep") -> Rendered:
     dom = domain or dataset.domain
+    v = title_views(dataset, year)
+    shown = v.shown
     prompts, cands = [], []
     for ex in examples:
-        c = _titles(dataset, ex.candidates)
-        prompts.append(ta_prompt(dom, teacher, _titles(dataset, ex.demo_history), dataset.titles[ex.demo_answer],
-                                 dataset.titles[ex.demo_next], truncate_history(_titles(dataset, ex.history),
-                                                                               history_len),
-                                 dataset.titles[ex.next_item], c, soft_prompt=soft_prompt))
-        cands.append(c)
+        prompts.append(ta_prompt(dom, teacher, [shown[int(i)] for i in ex.demo_history], shown[ex.demo_answer],
+                                 shown[ex.demo_next], truncate_history([shown[int(i)] for i in ex.history],
+                                                                        history_len),
+                                 shown[ex.next_item], [shown[int(i)] for i in ex.candidates],
+                                 soft_prompt=soft_prompt))
+        cands.append([v.scored[int(i)] for i in ex.candidates])
     return prompts, cands, np.array([ex.target_pos for ex in examples], dtype=np.int64)
 
 
 def render_rps(examples: Sequence[RPSExample], dataset: SeqDataset, teacher: str, history_len: int,
-               domain: str | None = None, soft_prompt: bool = True) -> Rendered:
+               domain: str | None = None, soft_prompt: bool = True, year: str = "keep") -> Rendered:
     dom = domain or dataset.domain
+    v = title_views(dataset, year)
+    shown = v.shown
     prompts, cands = [], []
     for ex in examples:
-        c = _titles(dataset, ex.candidates)
-        prompts.append(rps_prompt(dom, teacher, truncate_history(_titles(dataset, ex.history), history_len), c,
-                                  _titles(dataset, ex.teacher_rest), soft_prompt=soft_prompt))
-        cands.append(c)
+        prompts.append(rps_prompt(dom, teacher, truncate_history([shown[int(i)] for i in ex.history], history_len),
+                                  [shown[int(i)] for i in ex.candidates], [shown[int(i)] for i in ex.teacher_rest],
+                                  soft_prompt=soft_prompt))
+        cands.append([v.scored[int(i)] for i in ex.candidates])
     return prompts, cands, np.array([ex.target_pos for ex in examples], dtype=np.int64)
 
 
 def render_lsr(examples: Sequence[Example], candidates: CandidateSet, dataset: SeqDataset, teacher: str,
-               history_len: int, domain: str | None = None, soft_prompt: bool = True) -> Rendered:
+               history_len: int, domain: str | None = None, soft_prompt: bool = True, year: str = "keep"
+               ) -> Rendered:
     """LSR prompts for next-item examples with their frozen candidate rows (row r belongs to examples[r])."""
     if len(examples) != len(candidates) or any(int(ex.user) != int(u) or int(ex.target) != int(t) for ex, u, t in
                                                 zip(examples, candidates.users, candidates.targets, strict=True)):
         raise ConfigError("candidate set does not match the examples (different users or targets)",
                           field="candidates")
-    dom = domain or dataset.domain
-    prompts, cands = [], []
-    for ex, row in zip(examples, candidates.items, strict=True):
-        c = _titles(dataset, row)
-        prompts.append(lsr_prompt(dom, teacher, truncate_history(_titles(dataset, ex.history), history_len), c,
-                                  soft_prompt=soft_prompt))
-        cands.append(c)
+    prompts, cands = prompts_lsr(title_views(dataset, year), domain or dataset.domain, teacher,
+                                 [ex.history for ex in examples], candidates.items, history_len,
+                                 soft_prompt=soft_prompt)
     return prompts, cands, candidates.target_pos
 
 
@@ -327,16 +325,19 @@ HISTORY_FILE = "history.json"
 def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk: np.ndarray, teacher_name: str,
             cfg: DistillConfig, out_dir: Path, valid_candidates: CandidateSet | None = None,
             soft_prompt_cfg: SoftPromptConfig | None = None, *, log: LogFn | None = None,
-            progress: bool = True) -> SoftPrompt:
+            progress: bool = True, scoring: ScoringConfig | None = None) -> SoftPrompt:
     """Train a soft prompt on the frozen ``backbone`` with TA/RPS; return the best one (also in out_dir/soft_prompt).
 
     ``teacher_topk[i]``: the teacher's top-k for ``split.train_sequences[i]`` (history items excluded).
     ``valid_candidates``: frozen candidate rows for ``split.examples("valid")`` (drawn with cfg.seed if None).
     Resumes from ``out_dir/checkpoint`` when present (same config except max_steps/patience). Writes
     ``history.json`` (per-step losses and task weights, evaluations) and ``distill_summary.json``.
-    ``log(name, value, step)`` receives every logged scalar (e.g. for TensorBoard).
+    ``log(name, value, step)`` receives every logged scalar (e.g. for TensorBoard). ``scoring``: how titles are
+    shown and scored (`ScoringConfig`).
     """
     cfg.validate()
+    scoring = scoring or ScoringConfig()
+    year = scoring.year
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sp_cfg = dataclasses.replace(soft_prompt_cfg or SoftPromptConfig(), teacher=teacher_name)
@@ -350,17 +351,17 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
     if "ta" in cfg.tasks:
         ex_ta = _cap(build_ta_examples(split, dataset, cfg.candidate_size, np.random.default_rng([cfg.seed, 1])),
                      cfg.train_examples, cfg.seed)
-        tasks["ta"] = render_ta(ex_ta, dataset, teacher_name, cfg.history_len, domain)
+        tasks["ta"] = render_ta(ex_ta, dataset, teacher_name, cfg.history_len, domain, year=year)
     if "rps" in cfg.tasks:
         ex_rps = _cap(build_rps_examples(split, dataset, teacher_topk, cfg.candidate_size,
                                          np.random.default_rng([cfg.seed, 2]), k=cfg.teacher_k),
                       cfg.train_examples, cfg.seed)
-        tasks["rps"] = render_rps(ex_rps, dataset, teacher_name, cfg.history_len, domain)
+        tasks["rps"] = render_rps(ex_rps, dataset, teacher_name, cfg.history_len, domain, year=year)
     for name, (prompts, _, _) in tasks.items():
         if not prompts:
             raise DataError(f"no {name.upper()} training examples (TA needs sequences of >= {TA_MIN_LEN} items)",
                             field="distill.tasks")
-    valid = _valid_inputs(split, dataset, valid_candidates, teacher_name, cfg, domain)
+    valid = _valid_inputs(split, dataset, valid_candidates, teacher_name, cfg, domain, year)
 
     # State: fresh or resumed.
     soft = SoftPrompt.init_for(backbone, sp_cfg)
@@ -372,7 +373,8 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
         state, history = _load_checkpoint(ckpt, cfg, soft, opt, out_dir)  # also restores torch's RNG
     else:
         torch.manual_seed(cfg.seed)
-    scorer = TitleScorer(backbone, soft, length_norm=cfg.length_norm, batch_size=cfg.micro_batch_size)
+    scorer = TitleScorer(backbone, soft, length_norm=cfg.length_norm, batch_size=cfg.micro_batch_size,
+                         append_eos=scoring.append_eos(backbone.kind))
 
     bar = None
     if progress:
@@ -441,7 +443,7 @@ def _cap(examples: list[Any], cap: int | None, seed: int) -> list[Any]:
 
 
 def _valid_inputs(split: Split, dataset: SeqDataset, cands: CandidateSet | None, teacher: str,
-                  cfg: DistillConfig, domain: str) -> Rendered:
+                  cfg: DistillConfig, domain: str, year: str = "keep") -> Rendered:
     examples = split.examples("valid")
     if cands is None:
         cands = draw_candidates(examples, dataset, size=cfg.candidate_size, seed=cfg.seed) if examples else None
@@ -454,7 +456,7 @@ def _valid_inputs(split: Split, dataset: SeqDataset, cands: CandidateSet | None,
         raise ConfigError(f"validation candidates name user index {missing[0]}, who is not a validation user of "
                           "this split", field="candidates")
     examples = [by_user[int(u)] for u in cands.users]
-    rendered = render_lsr(examples, cands, dataset, teacher, cfg.history_len, domain)
+    rendered = render_lsr(examples, cands, dataset, teacher, cfg.history_len, domain, year=year)
     n = len(rendered[0]) if cfg.eval_examples is None else min(cfg.eval_examples, len(rendered[0]))
     return rendered[0][:n], rendered[1][:n], rendered[2][:n]
 

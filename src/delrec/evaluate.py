@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from accelerate import PartialState
 
     from delrec.llm.backbone import Backbone
+    from delrec.llm.prompts import ScoringConfig
     from delrec.llm.scoring import TitleScorer
     from delrec.llm.soft_prompt import SoftPrompt
 
@@ -80,23 +81,17 @@ def evaluate_scores(scores: np.ndarray, candidates: CandidateSet, seconds: float
 
 # --- LLM scoring ---------------------------------------------------------------------------------------------------
 def lsr_inputs(dataset: SeqDataset, histories: Sequence[np.ndarray], cand_items: np.ndarray, domain: str,
-               teacher_name: str, history_len: int, *, soft_prompt: bool = True
+               teacher_name: str, history_len: int | None, *, soft_prompt: bool = True, year: str = "keep"
                ) -> tuple[list[str], list[list[str]]]:
-    """Stage-2 (LSR) prompts and candidate titles for a batch: B histories, [B, C] candidate items.
+    """Stage-2 (LSR) prompts and scored candidate titles for a batch: B histories, [B, C] candidate items.
 
-    ``soft_prompt=False`` leaves the soft-prompt slot out of the text (the "no soft prompt" ablation).
+    ``soft_prompt=False`` leaves the soft-prompt slot out of the text (the "no soft prompt" ablation); ``year`` is
+    `ScoringConfig.year`. A thin wrapper of `delrec.llm.prompts.render_lsr`, the one LSR renderer.
     """
-    from delrec.llm.prompts import lsr_prompt, truncate_history
+    from delrec.llm.prompts import render_lsr, title_views
 
-    titles = dataset.titles
-    prompts: list[str] = []
-    cands: list[list[str]] = []
-    for hist, row in zip(histories, cand_items, strict=True):
-        shown = truncate_history([titles[int(i)] for i in hist], history_len)
-        row_titles = [titles[int(i)] for i in row]
-        prompts.append(lsr_prompt(domain, teacher_name, shown, row_titles, soft_prompt=soft_prompt))
-        cands.append(row_titles)
-    return prompts, cands
+    return render_lsr(title_views(dataset, year), domain, teacher_name, histories, cand_items, history_len,
+                      soft_prompt=soft_prompt)
 
 
 def histories_for(candidates: CandidateSet, examples: Sequence[Example]) -> list[np.ndarray]:
@@ -115,7 +110,7 @@ def histories_for(candidates: CandidateSet, examples: Sequence[Example]) -> list
 def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: CandidateSet,
                      histories: Sequence[np.ndarray], domain: str, teacher_name: str, history_len: int,
                      batch_size: int, state: PartialState | None = None, desc: str = "evaluate",
-                     soft_prompt: bool = True) -> np.ndarray:
+                     soft_prompt: bool = True, year: str = "keep") -> np.ndarray:
     """Score every candidate row with ``scorer`` (no grad) → [N, C], sharded over processes.
 
     Rows are ordered by prompt length before batching (less padding); each process takes every k-th batch-sized
@@ -129,7 +124,7 @@ def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: Candi
         raise DelrecError(f"batch size must be at least 1, got {batch_size}", field="evaluate.batch_size")
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     prompts, cands = lsr_inputs(dataset, histories, candidates.items, domain, teacher_name, history_len,
-                                soft_prompt=soft_prompt)
+                                soft_prompt=soft_prompt, year=year)
     order = np.argsort([len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, cands, strict=True)],
                        kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
@@ -166,23 +161,28 @@ def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: Candi
 def evaluate_llm(backbone: Backbone, soft_prompt: SoftPrompt | None, dataset: SeqDataset, candidates: CandidateSet,
                  domain: str, teacher_name: str, history_len: int, batch_size: int,
                  histories: Sequence[np.ndarray], *, length_norm: bool = True,
-                 state: PartialState | None = None) -> EvalResult:
+                 state: PartialState | None = None, scoring: ScoringConfig | None = None) -> EvalResult:
     """Rank each frozen candidate set with the LLM (backbone + optional soft prompt + optional adapter).
 
     ``histories[r]`` is the chronological item history of candidate row ``r`` (see `histories_for`).
     ``soft_prompt=None`` is the "no soft prompt" ablation; a backbone without adapter is "no stage 2".
     Runs sharded when launched with several processes (``state`` defaults to accelerate's `PartialState`).
+    ``scoring``: how titles are shown and scored (`ScoringConfig`; None = its defaults).
     """
+    from delrec.llm.prompts import ScoringConfig
     from delrec.llm.scoring import TitleScorer
+
+    scoring = scoring or ScoringConfig()
 
     if state is None:
         from accelerate import PartialState
 
         state = PartialState(cpu=str(getattr(backbone, "device", "cpu")).startswith("cpu"))
     start = time.perf_counter()
-    scorer = TitleScorer(backbone, soft_prompt, length_norm=length_norm)
+    scorer = TitleScorer(backbone, soft_prompt, length_norm=length_norm,
+                         append_eos=scoring.append_eos(backbone.kind))
     scores = score_candidates(scorer, dataset, candidates, histories, domain, teacher_name, history_len,
-                              batch_size, state=state, soft_prompt=soft_prompt is not None)
+                              batch_size, state=state, soft_prompt=soft_prompt is not None, year=scoring.year)
     return evaluate_scores(scores, candidates, seconds=time.perf_counter() - start)
 
 

@@ -30,6 +30,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from delrec.llm.backbone import Backbone
+    from delrec.llm.prompts import ScoringConfig
     from delrec.llm.soft_prompt import SoftPrompt
 
 AdapterKind = Literal["adalora", "lora", "none"]
@@ -288,6 +290,14 @@ def train_examples(split: Split, cfg: FinetuneConfig) -> list[Example]:
     return exs
 
 
+def lr_lambda(step: int, *, warmup: int, total: int) -> float:
+    """Linear warm-up then linear decay to 0 at ``total``; the first update already has lr/(warmup+1), not 0 (the
+    transformers schedule spends a whole update at lr 0, a large share of a 30-update CPU budget)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
@@ -433,21 +443,23 @@ def _valid_rows(split: Split, dataset: SeqDataset, cfg: FinetuneConfig,
 def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt: SoftPrompt | None,
              teacher_name: str, cfg: FinetuneConfig, out_dir: str | Path,
              valid_candidates: CandidateSet | None = None,
-             log: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = True) -> Backbone:
+             log: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = True,
+             scoring: ScoringConfig | None = None) -> Backbone:
     """Stage 2: train an adapter on the backbone; returns the backbone whose ``model`` is the trained PeftModel.
 
     The backbone is modified in place (peft injects the adapter layers into it). ``adapter="none"`` returns it
     unchanged. ``soft_prompt`` (may be None: the "no soft prompt" ablation) is frozen. ``valid_candidates`` are the
     frozen validation candidates (drawn from ``cfg.seed`` if None). ``log`` receives every history entry (main
     process). With ``resume`` an existing ``out_dir/checkpoint`` of the same run is continued; a finished run
-    returns at once with its best adapter loaded.
+    returns at once with its best adapter loaded. ``scoring``: how titles are shown and scored (`ScoringConfig`).
     """
     from peft import get_peft_model
-    from transformers import get_linear_schedule_with_warmup
 
+    from delrec.llm.prompts import ScoringConfig
     from delrec.llm.scoring import TitleScorer
 
     cfg.validate()
+    scoring = scoring or ScoringConfig()
     out_dir = Path(out_dir)
     if cfg.adapter == "none":
         from accelerate import PartialState
@@ -483,11 +495,13 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     # soft prompt and inputs on the backbone's device) is built; prepare() would move it only afterwards.
     model.to(accelerator.device)
     backbone.model = model
-    scorer = TitleScorer(backbone, soft_prompt, length_norm=cfg.length_norm)
+    scorer = TitleScorer(backbone, soft_prompt, length_norm=cfg.length_norm,
+                         append_eos=scoring.append_eos(backbone.kind))
     adalora = cfg.adapter == "adalora"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, warmup=cfg.warmup_steps,
+                                                                     total=cfg.max_steps))
     sampler = _EpochBatches(len(examples), cfg.batch_size, cfg.seed)
     # Its own generator: iter(DataLoader) would otherwise draw a base seed from the global RNG, which a resumed
     # run (re-entering an epoch mid-way) would consume once more than an uninterrupted one.
@@ -499,6 +513,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         "config": cfg.to_dict(), "dataset": dataset.fingerprint()[:16], "teacher": teacher_name,
         "soft_prompt": _tensor_hash(soft_prompt), "n_train": len(examples),
         "valid_candidates": None if valid is None else valid.hash(), "processes": world,
+        "scoring": dataclasses.asdict(scoring),
         "backbone_params": sum(p.numel() for p in _base_model(model).parameters()),
     }
     ckpt_dir = out_dir / "checkpoint"
@@ -520,7 +535,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         assert valid is not None
         scores = score_candidates(scorer, dataset, valid, valid_hist, domain, teacher_name, cfg.history_len,
                                   cfg.eval_batch_size or cfg.batch_size, state=accelerator.state,
-                                  desc="validate", soft_prompt=soft_prompt is not None)
+                                  desc="validate", soft_prompt=soft_prompt is not None, year=scoring.year)
         from delrec.metrics import ranks_from_scores
 
         summary = summarize(ranks_from_scores(scores, valid.target_pos), ci=False)
@@ -552,7 +567,8 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         for idx in loader:
             rows = idx.tolist()
             prompts, titles = lsr_inputs(dataset, [examples[i].history for i in rows], cands.items[rows], domain,
-                                         teacher_name, cfg.history_len, soft_prompt=soft_prompt is not None)
+                                         teacher_name, cfg.history_len, soft_prompt=soft_prompt is not None,
+                                         year=scoring.year)
             target = torch.as_tensor(target_pos[rows], device=accelerator.device)
             last = micro == cfg.grad_accum - 1
             with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():

@@ -79,6 +79,7 @@ class RunSettings:
     history_len: int | None = 20  # most recent history items put in the prompt (None: all)
     candidates: int = DEFAULT_CANDIDATES  # size of a drawn candidate set
     length_norm: bool = True  # TitleScorer: average token log-likelihood over the title
+    scoring: dict[str, Any] = field(default_factory=dict)  # ScoringConfig fields (how titles are shown and scored)
 
 
 def read_run_config(run_dir: str | Path) -> RunSettings:
@@ -118,7 +119,16 @@ def read_run_config(run_dir: str | Path) -> RunSettings:
         history_len=None if history_len is None else int(history_len),
         candidates=int(section("candidates").get("size") or DEFAULT_CANDIDATES),
         length_norm=bool(section("evaluate").get("length_norm", True)),
+        # Runs written before the `scoring` section existed showed and scored whole titles with an EOS.
+        scoring=section("scoring") or {"year": "keep", "eos": "always"},
     )
+
+
+def _scoring(settings: RunSettings) -> Any:
+    from delrec.llm.prompts import ScoringConfig
+
+    known = {f.name for f in dataclasses.fields(ScoringConfig)}
+    return ScoringConfig(**{k: v for k, v in settings.scoring.items() if k in known}).validate()
 
 
 def _teacher_names() -> dict[str, str]:
@@ -194,7 +204,9 @@ class DELRec:
             from delrec.teachers import SeqRecommender
 
             teacher = SeqRecommender.from_pretrained(teacher_dir, device="cpu")  # small: CPU is fast enough
-        scorer = TitleScorer(backbone, soft_prompt, length_norm=settings.length_norm)
+        scoring = _scoring(settings)
+        scorer = TitleScorer(backbone, soft_prompt, length_norm=settings.length_norm,
+                             append_eos=scoring.append_eos(backbone.kind))
         return cls(dataset, scorer, settings, teacher=teacher, run_dir=run_dir,
                    has_soft_prompt=soft_prompt is not None, has_adapter=adapter_dir.is_dir(),
                    backbone_name=str(bcfg.name_or_path))
@@ -264,21 +276,25 @@ class DELRec:
         rng = np.random.default_rng(seed)
         return [int(i) for i in rng.choice(pool, size=min(n, len(pool)), replace=False)]
 
-    def prompt(self, history: Sequence[int], candidates: Sequence[int]) -> str:
-        """The stage-2 (LSR) prompt for item indices, exactly as the evaluation builds it (`evaluate.lsr_inputs`)."""
-        from delrec.llm.prompts import lsr_prompt
+    def inputs(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]
+               ) -> tuple[list[str], list[list[str]]]:
+        """Stage-2 (LSR) prompts and scored candidate titles, from the one renderer the evaluation uses."""
+        from delrec.llm.prompts import render_lsr, title_views
 
-        titles = self.dataset.titles
-        return lsr_prompt(self.domain, self.settings.teacher_name, [titles[i] for i in self._truncate(history)],
-                          [titles[i] for i in candidates], soft_prompt=self.has_soft_prompt)
+        return render_lsr(title_views(self.dataset, _scoring(self.settings).year), self.domain,
+                          self.settings.teacher_name, histories, candidates, self.settings.history_len,
+                          soft_prompt=self.has_soft_prompt)
+
+    def prompt(self, history: Sequence[int], candidates: Sequence[int]) -> str:
+        """The stage-2 (LSR) prompt for item indices, exactly as the evaluation builds it."""
+        return self.inputs([history], [candidates])[0][0]
 
     def score(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
               batch_size: int = 8, progress: bool = False) -> np.ndarray:
         """[B, C] LLM scores (no grad) of each row's candidates after its history's prompt (rows share one C)."""
-        titles = self.dataset.titles
-        prompts = [self.prompt(h, c) for h, c in zip(histories, candidates, strict=True)]
+        prompts, titles = self.inputs(histories, candidates)
         self.scorer.batch_size = batch_size  # prompts per forward pass
-        scores = self.scorer.rank(prompts, [[titles[i] for i in c] for c in candidates], progress=progress)
+        scores = self.scorer.rank(prompts, titles, progress=progress)
         return np.asarray(scores, dtype=np.float64)
 
     def _truncate(self, history: Sequence[int]) -> list[int]:

@@ -14,8 +14,12 @@ Every prompt *ends where the answer starts* ("...is:" / "...might be:"): a causa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
 
 from delrec.errors import ConfigError
 
@@ -57,6 +61,70 @@ def truncate_history(titles: Sequence[str], n: int | None) -> list[str]:
     return list(titles)[-n:] if n else []
 
 
+YearMode = Literal["keep", "unscored", "hidden"]
+YEAR_MODES: tuple[str, ...] = ("keep", "unscored", "hidden")
+EosMode = Literal["auto", "always", "never"]
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")  # MovieLens' trailing " (1995)"
+
+
+@dataclass
+class ScoringConfig:
+    """How a title is verbalised: what the prompt shows and which tokens a candidate is scored on (all stages).
+
+    ``year``: ``keep`` — titles shown and scored as the catalogue spells them; ``unscored`` — shown with the
+    " (YYYY)" release year, scored without it (the released code's ``title[:-7]`` label words: the year is ~6
+    digit tokens of a ~10-token title and would dominate a mean log-likelihood); ``hidden`` — the year is neither
+    shown nor scored (shortest prompts). A title is kept whole where dropping its year would make it equal another.
+    ``eos``: score an end-of-sequence token after each title. ``auto``: for seq2seq backbones (T5's ``</s>`` ends
+    every target) but not causal ones (SmolLM2's EOS is a chat-turn token that never follows a list item).
+    """
+
+    year: YearMode = "unscored"
+    eos: EosMode = "auto"
+
+    def validate(self) -> ScoringConfig:
+        if self.year not in YEAR_MODES:
+            raise ConfigError(f"must be one of {', '.join(YEAR_MODES)}, got {self.year!r}", field="scoring.year")
+        if self.eos not in ("auto", "always", "never"):
+            raise ConfigError(f"must be auto, always or never, got {self.eos!r}", field="scoring.eos")
+        return self
+
+    def append_eos(self, backbone_kind: str) -> bool:
+        return self.eos == "always" or (self.eos == "auto" and backbone_kind != "causal")
+
+
+@dataclass(frozen=True)
+class TitleViews:
+    """Every item's title as shown in a prompt and as scored as a candidate, for one `ScoringConfig.year`."""
+
+    shown: list[str]
+    scored: list[str]
+
+    @classmethod
+    def of(cls, titles: Sequence[str], year: str = "keep") -> TitleViews:
+        if year not in YEAR_MODES:
+            raise ConfigError(f"must be one of {', '.join(YEAR_MODES)}, got {year!r}", field="scoring.year")
+        titles = [str(t).strip() for t in titles]
+        if year == "keep":
+            return cls(titles, titles)
+        bare = [_YEAR.sub("", t) or t for t in titles]
+        counts: dict[str, int] = {}
+        for b in bare:
+            counts[b] = counts.get(b, 0) + 1
+        # Remakes share a title ("Father of the Bride"); those keep their year so no two candidates score alike.
+        stripped = [b if counts[b] == 1 else t for b, t in zip(bare, titles, strict=True)]
+        return cls(stripped if year == "hidden" else titles, stripped)
+
+
+def title_views(dataset: Any, year: str = "keep") -> TitleViews:
+    """`TitleViews` of a dataset's catalogue (``dataset.titles``), cached on the dataset object."""
+    cache = dataset.__dict__.setdefault("_title_views", {})
+    key = (year, len(dataset.titles))
+    if key not in cache:
+        cache[key] = TitleViews.of(dataset.titles, year)
+    return cache[key]
+
+
 def join_titles(titles: Sequence[str]) -> str:
     return ", ".join(t.strip() for t in titles)
 
@@ -80,7 +148,7 @@ def ta_prompt(domain: str, teacher: str, demo_history: Sequence[str], demo_answe
     return (
         f"Simulate the recommendation pattern of the {teacher} model to make a temporal analysis of the {teacher} "
         f"model by analysing the most recent item in user's {w.history} history from candidate set. "
-        f"{_slot(teacher, soft_prompt)}. The candidate set is:{join_titles(candidates)}. "
+        f"{_slot(teacher, soft_prompt)}. The candidate set is: {join_titles(candidates)}. "
         f"The user has already {w.did} {join_titles(demo_history)}, [{w.item} M]. "
         f"Then, The next {w.item} the user plan to {w.do} is {demo_next.strip()}. "
         f"The most recent item [{w.item} M] in user's {w.history} history is {demo_answer.strip()}. "
@@ -98,8 +166,8 @@ def rps_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Se
     head = (
         f"Simulate the recommendation pattern of the {teacher} model to predict next {w.items} that the user might "
         f"{w.do} from candidate set based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
-        f"The {w.history} history of the user is:{join_titles(history)}. "
-        f"The candidate set is:{join_titles(candidates)}. "
+        f"The {w.history} history of the user is: {join_titles(history)}. "
+        f"The candidate set is: {join_titles(candidates)}. "
         f"Next {w.items} the user will {w.do} (predicted by the {teacher} model) might be:"
     )
     if not teacher_rest:
@@ -114,7 +182,24 @@ def lsr_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Se
     return (
         f"Refer to the recommendation pattern of the {teacher} model to predict the next {w.item} that the user "
         f"might {w.do} from candidate set based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
-        f"The {w.history} history of the user is:{join_titles(history)}. "
-        f"The candidate set is:{join_titles(candidates)}. "
+        f"The {w.history} history of the user is: {join_titles(history)}. "
+        f"The candidate set is: {join_titles(candidates)}. "
         f"The next {w.item} the user will {w.do} might be:"
     )
+
+
+def render_lsr(views: TitleViews, domain: str, teacher: str, histories: Sequence[Sequence[int] | np.ndarray],
+               cand_items: Sequence[Sequence[int]] | np.ndarray, history_len: int | None, *,
+               soft_prompt: bool = True) -> tuple[list[str], list[list[str]]]:
+    """The one stage-2 (LSR) renderer: item histories + [B, C] candidate items → (prompts, scored candidate titles).
+
+    Training, validation (both stages), test evaluation and `DELRec.recommend` all build their prompts here.
+    """
+    prompts: list[str] = []
+    cands: list[list[str]] = []
+    for hist, row in zip(histories, cand_items, strict=True):
+        shown = truncate_history([views.shown[int(i)] for i in hist], history_len)
+        prompts.append(lsr_prompt(domain, teacher, shown, [views.shown[int(i)] for i in row],
+                                  soft_prompt=soft_prompt))
+        cands.append([views.scored[int(i)] for i in row])
+    return prompts, cands
