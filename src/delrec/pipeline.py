@@ -24,6 +24,7 @@ from delrec.errors import ConfigError
 from delrec.finetune import FinetuneConfig
 from delrec.io import read_json, write_json, write_text
 from delrec.llm.backbone import BackboneConfig
+from delrec.llm.prompts import ScoringConfig
 from delrec.llm.soft_prompt import SoftPromptConfig
 from delrec.settings import build, deep_merge, load_yaml, parse_override, set_dotted, to_dict
 from delrec.teachers import MODELS, TeacherConfig
@@ -109,6 +110,7 @@ class RunConfig:
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     soft_prompt: SoftPromptConfig = field(default_factory=SoftPromptConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)  # how titles are shown and scored, all stages
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
@@ -504,7 +506,8 @@ def distill_stage(run: Run, backbone: Any, log: Callable[..., None] | None = Non
         export_teacher_topk(run, teacher, part="train")
     t0 = time.perf_counter()
     soft = distill(backbone, run.dataset, run.split, _load_topk(topk_file), TEACHER_NAMES[teacher], cfg.distill,
-                   out, valid_candidates=run.candidates("valid"), soft_prompt_cfg=cfg.soft_prompt, log=log)
+                   out, valid_candidates=run.candidates("valid"), soft_prompt_cfg=cfg.soft_prompt, log=log,
+                   scoring=cfg.scoring)
     run.mark("distill", seconds=round(time.perf_counter() - t0, 1))
     return soft
 
@@ -521,7 +524,8 @@ def finetune_stage(run: Run, backbone: Any, soft_prompt: Any, log: Callable[...,
         return load_adapter(backbone, out / "adapter")
     t0 = time.perf_counter()
     backbone = finetune(backbone, run.dataset, run.split, soft_prompt, TEACHER_NAMES[run.cfg.teachers.distill_from],
-                        run.cfg.finetune, out, valid_candidates=run.candidates("valid"), log=log)
+                        run.cfg.finetune, out, valid_candidates=run.candidates("valid"), log=log,
+                        scoring=run.cfg.scoring)
     run.mark("finetune", seconds=round(time.perf_counter() - t0, 1))
     return backbone
 
@@ -536,7 +540,8 @@ def evaluate_stage(run: Run, backbone: Any, soft_prompt: Any) -> dict[str, Any]:
     cfg = run.cfg
     result = evaluate_llm(backbone, soft_prompt, run.dataset, test, cfg.data.domain or run.dataset.domain,
                           TEACHER_NAMES[cfg.teachers.distill_from], cfg.finetune.history_len,
-                          cfg.evaluate.batch_size, run.histories("test", test), length_norm=cfg.evaluate.length_norm)
+                          cfg.evaluate.batch_size, run.histories("test", test), length_norm=cfg.evaluate.length_norm,
+                          scoring=cfg.scoring)
     stages = run.manifest["stages"]
     train_s = sum(float(stages.get(s, {}).get("seconds", 0.0)) for s in ("distill", "finetune"))
     row = _save_result(run, "DELRec", result, train_s=round(train_s, 1))
@@ -643,7 +648,7 @@ def reuse_stages(run: Run, base_dir: str | Path) -> list[str]:
             reused.append(key)
     teacher = run.cfg.teachers.distill_from
     if (base.done("distill") and f"teacher:{teacher}" in reused
-            and same("teachers.distill_from", "backbone", "soft_prompt", "distill")):
+            and same("teachers.distill_from", "backbone", "soft_prompt", "scoring", "distill")):
         copy("distill")
         run.mark("distill", **{k: v for k, v in base.manifest["stages"]["distill"].items() if k != "done"},
                  reused=str(base.dir))
