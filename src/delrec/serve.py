@@ -1,33 +1,98 @@
 """A small HTTP service and web page over a trained run: ``delrec serve RUN`` → http://127.0.0.1:8000/.
 
-Endpoints (schemas at ``/openapi.json``, interactive docs at ``/docs``):
+Endpoints (schemas at ``/openapi.json``; no ``/docs`` page: Swagger UI loads its scripts from a CDN, and the
+service must work offline):
   POST /recommend   {history, k, candidates?, all_items?, seed?} → top-k with scores
   POST /explain     {history, k, candidates?, seed?} → top-k, leave-one-out influence of each history item,
                     the teacher's top-k
   GET  /items?q=    title search (autocomplete on the page)
-  GET  /health      what is loaded
+  GET  /health      what is loaded (HEAD too, for load balancers)
   GET  /            the page (static files in ``serve_static/``, no CDN, no build step)
 
 One model on one device: inference is serialized with a lock (FastAPI runs the sync endpoints in a thread pool).
-Bad input (too long a history, an unknown title, k out of range) is answered 422 with a one-line ``detail``.
+Bad input (too long a history, an unknown title, k out of range) is answered 422 with a one-line ``detail``
+that never echoes more than a few hundred characters of the input; a body larger than any valid request is answered
+413 before it is parsed.
 """
 
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from delrec.errors import DelrecError
+from delrec.errors import DelrecError, clip
 from delrec.recommend import DELRec
+from delrec.settings import MAX_SEED
 
 STATIC = Path(__file__).parent / "serve_static"
-ItemRef = StrictInt | str  # an item index (1..n_items) or a title (exact, case-insensitive or fuzzy)
+MAX_TITLE = 1000  # characters of one title in a request; real titles are < 300
+
+
+def _short_title(ref: int | str) -> int | str:
+    if isinstance(ref, str) and len(ref) > MAX_TITLE:
+        raise ValueError(f"a title has at most {MAX_TITLE} characters, got {len(ref)}")
+    return ref
+
+
+# an item index (1..n_items) or a title (exact, case-insensitive or fuzzy); checked after the union so the error
+# names the entry once instead of once per union member
+ItemRef = Annotated[StrictInt | str, AfterValidator(_short_title)]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED, description="seed for the drawn candidate set")]
+
+
+class BodyLimit:
+    """ASGI middleware: answer 413 to a request body over ``max_bytes`` before anything reads it whole (by its
+    Content-Length, or while it streams in when chunked)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self._reject(send)
+            return
+        seen, rejected = 0, False
+
+        async def limited() -> dict[str, Any]:
+            # Past the limit: answer 413 ourselves and tell the app the client left (an exception raised here would
+            # become FastAPI's 400 "error parsing the body").
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    rejected = True
+                    await self._reject(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: dict[str, Any]) -> None:
+            if not rejected:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not rejected:  # the app's own errors are not ours to hide
+                raise
+
+    async def _reject(self, send: Any) -> None:
+        body = f'{{"detail": "request body larger than {self.max_bytes} bytes"}}'.encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class Item(BaseModel):
@@ -105,35 +170,42 @@ def create_app(model: DELRec, max_history: int = 50, max_candidates: int = 100) 
         history: list[ItemRef] = Field(min_length=1, max_length=max_history,
                                        description="items the user interacted with, oldest first: titles or indices",
                                        examples=[["Toy Story (1995)", "Fargo (1996)"]])
-        k: int = Field(10, ge=1, le=max_candidates, description="number of recommendations")
+        # Strict: `"k": true` or `"k": "10"` is a client bug, not 1 or 10.
+        k: StrictInt = Field(10, ge=1, le=max_candidates, description="number of recommendations")
         candidates: list[ItemRef] | None = Field(None, min_length=1, max_length=max_candidates,
                                                  description="items to rank; default: 20 drawn outside the history")
-        all_items: bool = Field(False, description="rank every item outside the history (small catalogues only)")
-        seed: int = Field(0, description="seed for the drawn candidate set")
+        all_items: StrictBool = Field(False, description="rank every item outside the history (small catalogues only)")
+        seed: Seed = 0
 
     class ExplainRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         history: list[ItemRef] = Field(min_length=1, max_length=max_history)
-        k: int = Field(10, ge=1, le=max_candidates)
+        k: StrictInt = Field(10, ge=1, le=max_candidates)
         candidates: list[ItemRef] | None = Field(None, min_length=1, max_length=max_candidates)
-        seed: int = 0
+        seed: Seed = 0
 
-    app = FastAPI(title="DELRec", version=_version(),
+    # No /docs or /redoc: their pages load Swagger UI / ReDoc from a CDN; /openapi.json is served.
+    app = FastAPI(title="DELRec", version=_version(), docs_url=None, redoc_url=None,
                   description="Sequential recommendation with an LLM distilled from a conventional recommender.")
+    # The largest valid request: every history and candidate entry a title of MAX_TITLE characters (JSON-escaped
+    # up to 6 bytes each), plus the small fields.
+    app.add_middleware(BodyLimit, max_bytes=(max_history + max_candidates) * (6 * MAX_TITLE + 8) + 4096)
     responses: dict[int | str, dict[str, Any]] = {422: {"model": ErrorResponse, "description": "invalid input"}}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": [str(p) for p in e.get("loc", ()) if p != "body"], "msg": str(e.get("msg", "")),
-                   "type": str(e.get("type", ""))} for e in exc.errors()]
+        # Never echo the input: pydantic's "input" is left out, and a key or message is clipped (an unknown key
+        # may be megabytes long); at most 10 errors.
+        errors = [{"loc": [clip(str(p), 80) for p in e.get("loc", ()) if p != "body"],
+                   "msg": clip(str(e.get("msg", "")), 200), "type": str(e.get("type", ""))} for e in exc.errors()[:10]]
         detail = "; ".join(f"{'.'.join(e['loc']) or 'body'}: {e['msg']}" for e in errors) or "invalid request"
-        return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
+        return JSONResponse(status_code=422, content={"detail": clip(detail), "errors": errors})
 
     @app.exception_handler(DelrecError)
     async def _user_error(_: Request, exc: DelrecError) -> JSONResponse:
         # Same shape as a validation error: "field: message".
-        msg = " ".join(exc.message.split())
-        detail = f"{exc.field}: {msg}" if exc.field else msg
+        msg = clip(" ".join(exc.message.split()))
+        detail = clip(f"{exc.field}: {msg}" if exc.field else msg)
         errors = [{"loc": [exc.field] if exc.field else [], "msg": msg, "type": "value_error"}]
         return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
 
@@ -189,6 +261,8 @@ def create_app(model: DELRec, max_history: int = 50, max_candidates: int = 100) 
     def health() -> Health:
         return Health(status="ok", max_history=max_history, max_candidates=max_candidates, **model.info())
 
+    app.head("/health", include_in_schema=False)(health)  # load balancers probe with HEAD
+
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -206,9 +280,16 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
     """
     import uvicorn
 
+    if not 1 <= port <= 65535:
+        raise DelrecError(f"must be 1..65535, got {port}", field="--port")
+    if max_history < 1 or max_candidates < 1:
+        raise DelrecError("must be at least 1", field="--max-history" if max_history < 1 else "--max-candidates")
     model = DELRec.from_pretrained(run_dir, device=device)
     app = create_app(model, max_history=max_history, max_candidates=max_candidates)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # Idle keep-alive connections are closed after 5 s and at most 64 connections are served at once, so slow or
+    # idle clients cannot pin the server's sockets; request heads over 64 KiB are refused by h11.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, limit_concurrency=64,
+                h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=10)
 
 
 def _resolve_candidates(model: DELRec, refs: list[int | str] | None) -> list[int] | None:
