@@ -14,6 +14,8 @@ import typer
 from delrec.errors import DelrecError
 from delrec.settings import MAX_SEED
 
+MAX_NAME = 200  # bytes of data.name: it becomes a folder name (runs/<name>-<profile>, the cache)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DELRec: distil sequential patterns from conventional recommenders into an LLM recommender.")
 data_app = typer.Typer(no_args_is_help=True, help="Load, preprocess and split a dataset into a run folder.")
@@ -37,6 +39,20 @@ def _config(config: Path | None, overrides: list[str] | None, device: str | None
     return load_config(config, over)
 
 
+def load_model(run_dir: Path, device: str | None):  # type: ignore[no-untyped-def]
+    """``DELRec.from_pretrained`` for a user-given run folder: a damaged artifact in it is a one-line error."""
+    from delrec.io import artifact_errors
+    from delrec.recommend import DELRec
+
+    _check_device(device, "--device")
+    try:
+        return DELRec.from_pretrained(run_dir, device=device)
+    except DelrecError:
+        raise
+    except artifact_errors() as e:
+        raise DelrecError(f"damaged or incompatible run folder ({type(e).__name__}: {e})", file=run_dir) from None
+
+
 def _default_out(cfg) -> Path:  # type: ignore[no-untyped-def]
     return Path("runs") / f"{cfg.data.name}-{cfg.profile}"
 
@@ -52,7 +68,7 @@ def _no_partial_folder(out: Path) -> Iterator[None]:
         was_empty = False
     try:
         yield
-    except DelrecError:
+    except Exception:  # a user error, an OSError on a user path, or a bug: none should leave a stub folder
         from delrec.pipeline import clear_run_entries, is_run_folder
 
         if ((not existed or was_empty) and out.is_dir()
@@ -70,6 +86,30 @@ def _check_inputs(cfg, config: Path | None) -> None:  # type: ignore[no-untyped-
         raise DelrecError("no such file or folder", file=cfg.data.path, field="data.path")
     if config is not None and not config.is_file():
         raise DelrecError("config file not found", file=config)
+    if len(cfg.data.name.encode()) > MAX_NAME:  # it names the cache and run folders (255-byte file names)
+        raise DelrecError(f"at most {MAX_NAME} bytes, got {len(cfg.data.name.encode())}", field="data.name")
+    _check_device(cfg.device, "device")
+
+
+def _check_device(device: str | None, field: str) -> None:
+    """A device this machine has, checked before any stage runs (not after the teachers, nor in a saved config)."""
+    if device is None or device in ("cpu", "auto"):
+        return
+    import torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise DelrecError("MPS is not available on this machine; use cpu or auto", field=field)
+        return
+    if not device.startswith("cuda"):
+        raise DelrecError(f"must be cpu, cuda, cuda:N, mps or auto, got {device!r}", field=field)
+    if not torch.cuda.is_available():
+        raise DelrecError(f"{device!r} requested but CUDA is not available on this machine; use cpu or auto",
+                          field=field)
+    index = device.partition(":")[2] or "0"
+    if not index.isdigit() or int(index) >= torch.cuda.device_count():
+        raise DelrecError(f"no such GPU {device!r}; this machine has cuda:0..cuda:{torch.cuda.device_count() - 1}",
+                          field=field)
 
 
 def _fresh(out: Path, cfg, config: Path | None) -> None:  # type: ignore[no-untyped-def]
@@ -123,6 +163,7 @@ def data_prepare(
             over.append(f"{key}={value}")
     cfg = _config(config, over)
     out = out or _default_out(cfg)
+    _check_inputs(cfg, config)
     with _no_partial_folder(out):
         r = Run(out, cfg)
         ds = r.prepare_data() if not r.done("data") else r.dataset
@@ -188,11 +229,9 @@ def recommend(
     """Recommend the next items for a user or a typed history, optionally with an explanation."""
     import json
 
-    from delrec.recommend import DELRec
-
     if (user is None) == (history is None):
         raise DelrecError("give exactly one of --user or --history", field="--user/--history")
-    model = DELRec.from_pretrained(run_dir, device=device)
+    model = load_model(run_dir, device)
     hist: list[str | int] = (list(model.user_history(user)) if user is not None
                              else [t.strip() for t in (history or "").split(";") if t.strip()])
     cands = [t.strip() for t in candidates.split(";") if t.strip()] if candidates else None
@@ -232,7 +271,8 @@ def serve(
     max_candidates: Annotated[int, typer.Option(min=1, help="largest candidate set a request may send")] = 100,
     device: DeviceOpt = None,
 ) -> None:
-    """Serve /recommend, /explain, /health and a small web page over HTTP."""
+    """Serve /recommend, /explain, /health and a small web page over HTTP (schemas at /openapi.json; there is no
+    /docs page, since Swagger UI would need a CDN)."""
     from delrec.serve import serve as _serve
 
     _serve(run_dir, host=host, port=port, device=device, max_history=max_history, max_candidates=max_candidates)
@@ -289,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         # too long) is the user's to fix, not a bug; anything without a path keeps its traceback.
         if e.filename is None:
             raise
-        _fail(f"{e.filename}: {e.strerror or type(e).__name__}")
+        _fail(DelrecError(e.strerror or type(e).__name__, file=e.filename).one_line())
     sys.exit(code if isinstance(code, int) else 0)
 
 

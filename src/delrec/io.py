@@ -90,3 +90,25 @@ def sha256_bytes(*parts: bytes) -> str:
         h.update(len(p).to_bytes(8, "little"))
         h.update(p)
     return h.hexdigest()
+
+
+def artifact_errors() -> tuple[type[Exception], ...]:
+    """What reading a damaged run-folder artifact raises (bad JSON/YAML/Parquet/safetensors — a pickle where a
+    safetensors file should be included — missing keys, unreadable files); loaders of a user-given run folder turn
+    these into one-line errors instead of tracebacks."""
+    import yaml
+
+    errors: list[type[Exception]] = [OSError, ValueError, KeyError, TypeError, yaml.YAMLError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    try:
+        import pyarrow
+
+        errors.append(pyarrow.ArrowException)
+    except ImportError:
+        pass
+    return tuple(errors)

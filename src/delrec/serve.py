@@ -284,7 +284,9 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
         raise DelrecError(f"must be 1..65535, got {port}", field="--port")
     if max_history < 1 or max_candidates < 1:
         raise DelrecError("must be at least 1", field="--max-history" if max_history < 1 else "--max-candidates")
-    model = DELRec.from_pretrained(run_dir, device=device)
+    from delrec.cli import load_model
+
+    model = load_model(Path(run_dir), device)
     app = create_app(model, max_history=max_history, max_candidates=max_candidates)
     # Idle keep-alive connections are closed after 5 s and at most 64 connections are served at once, so slow or
     # idle clients cannot pin the server's sockets; request heads over 64 KiB are refused by h11.
