@@ -89,6 +89,35 @@ def _check_inputs(cfg, config: Path | None) -> None:  # type: ignore[no-untyped-
     if len(cfg.data.name.encode()) > MAX_NAME:  # it names the cache and run folders (255-byte file names)
         raise DelrecError(f"at most {MAX_NAME} bytes, got {len(cfg.data.name.encode())}", field="data.name")
     _check_device(cfg.device, "device")
+    _check_backbone(cfg.backbone.name_or_path)
+
+
+def _check_backbone(name: str) -> None:
+    """The backbone is loaded only after the teachers: a name that cannot resolve must fail before them."""
+    import re
+
+    from delrec.llm.backbone import ALIASES
+
+    path = Path(name).expanduser()
+    if name in ALIASES or path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
+        return
+    if path.is_dir():
+        raise DelrecError("this model folder holds no config.json", file=path, field="backbone.name_or_path")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name):
+        raise DelrecError(f"{name!r} is not an alias ({', '.join(ALIASES)}), an existing model folder or a "
+                          "Hugging Face hub id 'org/name'", field="backbone.name_or_path")
+
+
+def _check_split(r) -> None:  # type: ignore[no-untyped-def]
+    """Prepare the data and the split (stage 0) and make sure every part has users before any teacher trains."""
+    split = r.split
+    sizes = {"train": len(split.train_users), "valid": len(split.examples("valid")),
+             "test": len(split.examples("test"))}
+    empty = [part for part, n in sizes.items() if n == 0]
+    if empty:
+        raise DelrecError(f"the {split.kind!r} split of {r.dataset.n_users} users leaves no examples in "
+                          f"{' and '.join(empty)}; use more data or other split.ratios / data.preprocess settings",
+                          field="split")
 
 
 def _check_device(device: str | None, field: str) -> None:
@@ -141,6 +170,7 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, out: OutOpt = None, 
         r = Run(out, cfg)
         if reuse is not None and not r.done("data"):
             typer.echo(f"reused from {reuse}: {', '.join(reuse_stages(r, reuse)) or 'nothing (settings differ)'}")
+        _check_split(r)
         summary = run_pipeline(r, until=until)
     typer.echo(summary)
 
