@@ -26,19 +26,33 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return err.strip().splitlines()[-1]
 
 
-def test_three_users_fail_before_the_teachers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = tmp_path / "data"
+def _data(root: Path, users: int, length: int) -> Path:
+    data = root / "data"
     data.mkdir()
-    rows = [(f"u{u}", f"i{(u + t) % 10}", 1000 + t) for u in range(3) for t in range(8)]
+    rows = [(f"u{u}", f"i{(u + t) % 10}", 1000 + t) for u in range(users) for t in range(length)]
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(data / "interactions.tsv", sep="\t",
                                                                           index=False)
     pd.DataFrame({"item_id": [f"i{i}" for i in range(10)], "title": [f"T {i}" for i in range(10)]}).to_csv(
         data / "items.tsv", sep="\t", index=False)
+    return data
+
+
+def test_three_users_fail_before_the_teachers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _data(tmp_path, users=3, length=8)
     out = tmp_path / "run"
     # no --until: were the check missing, the teachers would start training here
     line = _refused(["run", "--set", "data.name=t3", "--set", f"data.path={data}", "--set", "data.format=generic",
                      "--set", "candidates.size=4", "--out", str(out)], capsys)
     assert "field 'split'" in line and "3 users" in line and "valid" in line, line
+    assert not out.exists()
+
+
+def test_short_sequences_fail_before_the_teachers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _data(tmp_path, users=40, length=4)
+    out = tmp_path / "run"
+    line = _refused(["run", "--set", "data.name=short", "--set", f"data.path={data}", "--set", "data.format=generic",
+                     "--set", "candidates.size=4", "--set", "data.preprocess.min_seq_len=2", "--out", str(out)], capsys)
+    assert "field 'data.preprocess.min_seq_len'" in line, line
     assert not out.exists()
 
 

@@ -108,7 +108,7 @@ def _check_backbone(name: str) -> None:
                           "Hugging Face hub id 'org/name'", field="backbone.name_or_path")
 
 
-def _check_split(r) -> None:  # type: ignore[no-untyped-def]
+def _check_split(r, until: str | None) -> None:  # type: ignore[no-untyped-def]
     """Prepare the data and the split (stage 0) and make sure every part has users before any teacher trains."""
     split = r.split
     sizes = {"train": len(split.train_users), "valid": len(split.examples("valid")),
@@ -118,6 +118,23 @@ def _check_split(r) -> None:  # type: ignore[no-untyped-def]
         raise DelrecError(f"the {split.kind!r} split of {r.dataset.n_users} users leaves no examples in "
                           f"{' and '.join(empty)}; use more data or other split.ratios / data.preprocess settings",
                           field="split")
+    if until in ("data", "teachers"):
+        return
+    cfg = r.cfg
+    if cfg.soft_prompt.num_tokens > 0:  # stage 1's TA task needs long enough training sequences
+        from delrec.distill import TA_MIN_LEN
+
+        if not any(len(s) >= TA_MIN_LEN for s in split.train_sequences):
+            raise DelrecError(f"no training sequence has the {TA_MIN_LEN} items stage 1's TA task needs; raise "
+                              "data.preprocess.min_seq_len or use longer histories",
+                              field="data.preprocess.min_seq_len")
+    if cfg.finetune.adapter != "none":
+        from delrec.finetune import train_examples
+
+        n = len(train_examples(split, cfg.finetune))
+        if n < cfg.finetune.batch_size:
+            raise DelrecError(f"only {n} stage-2 training examples, fewer than one batch of {cfg.finetune.batch_size}",
+                              field="finetune.batch_size")
 
 
 def _check_device(device: str | None, field: str) -> None:
@@ -170,7 +187,7 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, out: OutOpt = None, 
         r = Run(out, cfg)
         if reuse is not None and not r.done("data"):
             typer.echo(f"reused from {reuse}: {', '.join(reuse_stages(r, reuse)) or 'nothing (settings differ)'}")
-        _check_split(r)
+        _check_split(r, until)
         summary = run_pipeline(r, until=until)
     typer.echo(summary)
 
