@@ -152,7 +152,8 @@ def resolve_dataset(name: str, path: str | os.PathLike[str] | None = None, *,
     hint = ("install the files with `pip install --no-deps recbole==1.2.1`, or put u.data and u.item in "
             f"{cached}, or set data.path" if name == "ml-100k" else
             f"set data.path to the folder holding the files, or put them in {cached}")
-    raise DataError(f"dataset {name!r} not found ({'; '.join(tried)}); {hint}", field="data.path")
+    # The remedy comes before what was tried: an error line is clipped, and long cache paths must not cut the hint.
+    raise DataError(f"dataset {name!r} not found: {hint} (tried: {'; '.join(tried)})", field="data.path")
 
 
 def detect_format(folder: Path, interactions_file: str | None = None) -> str:
