@@ -153,3 +153,22 @@ def test_evaluate_llm_ranks_every_row_like_the_scorer(with_prompt: bool) -> None
         ref = np.concatenate([scorer.score([p], [t]).numpy() for p, t in zip(prompts, titles, strict=True)])
     np.testing.assert_allclose(res.scores, ref, rtol=1e-4, atol=1e-5)
     assert res.ranks.tolist() == evaluate_scores(ref, cs).ranks.tolist()
+
+
+def test_popularity_scores_count_training_interactions_only() -> None:
+    from delrec.evaluate import popularity_scores
+
+    train = [np.array([1, 2, 2]), np.array([2, 3])]
+    s = popularity_scores(train, np.array([[2, 1, 4], [3, 2, 1]]), n_items=4)
+    np.testing.assert_array_equal(s, [[3, 1, 0], [1, 3, 1]])  # item 4 never trained: count 0
+
+
+def test_chance_metrics_match_a_random_ranking() -> None:
+    from delrec.evaluate import chance_metrics
+
+    c = chance_metrics(20)
+    assert c["HR@1"] == 0.05 and c["HR@5"] == 0.25
+    rng = np.random.default_rng(0)
+    ranks = rng.integers(1, 21, size=200_000)  # uniform rank of the target among 20
+    ndcg = np.where(ranks <= 5, 1 / np.log2(ranks + 1), 0).mean()
+    assert abs(ndcg - c["NDCG@5"]) < 0.003, (ndcg, c["NDCG@5"])

@@ -98,17 +98,20 @@ def test_run_folder_holds_every_artifact(reference: Path) -> None:
                 "split.json", "candidates/test.parquet", "candidates/valid.parquet", "data/dataset.json",
                 "teachers/sasrec/model/model.safetensors", "teachers/gru4rec/model/model.safetensors",
                 "teachers/sasrec/topk_train.parquet", "distill/soft_prompt/soft_prompt.safetensors",
-                "finetune/adapter/adapter_config.json", "results/DELRec.json", "predictions/DELRec.parquet"):
+                "finetune/adapter/adapter_config.json", "results/DELRec.json", "predictions/DELRec.parquet",
+                "results/popularity.json"):
         assert (reference / rel).is_file(), rel
     metrics = read_json(reference / "metrics.json")
-    assert set(metrics["models"]) == {"SASRec", "GRU4Rec", "DELRec"}
+    assert set(metrics["models"]) == {"popularity", "SASRec", "GRU4Rec", "DELRec"}
+    assert metrics["chance"]["HR@1"] == 1 / metrics["candidate_size"]
     for row in metrics["models"].values():
         assert 0.0 <= row["metrics"]["HR@1"]["value"] <= row["metrics"]["HR@5"]["value"] <= 1.0
     manifest = read_json(reference / "manifest.json")
     assert manifest["data_fingerprint"] and manifest["packages"]["torch"]
     assert manifest["candidates"]["test"]["hash"] == metrics["candidates_hash"]
     report = (reference / "report.md").read_text(encoding="utf-8")
-    assert "| DELRec |" in report and "![curves](curves.png)" in report
+    assert "| DELRec |" in report and "| popularity |" in report and "| chance (random order) |" in report
+    assert "![curves](curves.png)" in report
     # no temporary files left behind by the atomic writers
     assert not [p for p in reference.rglob("*") if ".tmp" in p.name]
 

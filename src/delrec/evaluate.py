@@ -79,19 +79,37 @@ def evaluate_scores(scores: np.ndarray, candidates: CandidateSet, seconds: float
                       scores=scores)
 
 
+def popularity_scores(train_sequences: Sequence[np.ndarray], items: np.ndarray, n_items: int) -> np.ndarray:
+    """[N, C] training-interaction counts of each candidate: the popularity baseline every model must beat.
+
+    Counts come from the training sequences only (never a validation or test target); ties are ranked
+    pessimistically by `ranks_from_scores`, like every other model's.
+    """
+    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_sequences]),
+                         minlength=n_items + 1)
+    return counts[np.asarray(items, dtype=np.int64)].astype(np.float64)
+
+
+def chance_metrics(size: int) -> dict[str, float]:
+    """Expected HR@1, HR@5, NDCG@5 of a uniformly random ranking of ``size`` candidates."""
+    k = min(5, size)
+    return {"HR@1": 1 / size, "HR@5": k / size,
+            "NDCG@5": float(sum(1 / np.log2(r + 1) for r in range(1, k + 1)) / size)}
+
+
 # --- LLM scoring ---------------------------------------------------------------------------------------------------
 def lsr_inputs(dataset: SeqDataset, histories: Sequence[np.ndarray], cand_items: np.ndarray, domain: str,
-               teacher_name: str, history_len: int | None, *, soft_prompt: bool = True, year: str = "keep"
-               ) -> tuple[list[str], list[list[str]]]:
+               teacher_name: str, history_len: int | None, *, soft_prompt: bool = True, year: str = "keep",
+               verbalizer: str = "title") -> tuple[list[str], list[list[str]]]:
     """Stage-2 (LSR) prompts and scored candidate titles for a batch: B histories, [B, C] candidate items.
 
     ``soft_prompt=False`` leaves the soft-prompt slot out of the text (the "no soft prompt" ablation); ``year`` is
-    `ScoringConfig.year`. A thin wrapper of `delrec.llm.prompts.render_lsr`, the one LSR renderer.
+    `ScoringConfig.year`, ``verbalizer`` `ScoringConfig.verbalizer`. A thin wrapper of `delrec.llm.prompts.render_lsr`, the one LSR renderer.
     """
     from delrec.llm.prompts import render_lsr, title_views
 
     return render_lsr(title_views(dataset, year), domain, teacher_name, histories, cand_items, history_len,
-                      soft_prompt=soft_prompt)
+                      soft_prompt=soft_prompt, verbalizer=verbalizer)
 
 
 def histories_for(candidates: CandidateSet, examples: Sequence[Example]) -> list[np.ndarray]:
@@ -110,7 +128,7 @@ def histories_for(candidates: CandidateSet, examples: Sequence[Example]) -> list
 def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: CandidateSet,
                      histories: Sequence[np.ndarray], domain: str, teacher_name: str, history_len: int,
                      batch_size: int, state: PartialState | None = None, desc: str = "evaluate",
-                     soft_prompt: bool = True, year: str = "keep") -> np.ndarray:
+                     soft_prompt: bool = True, year: str = "keep", verbalizer: str = "title") -> np.ndarray:
     """Score every candidate row with ``scorer`` (no grad) → [N, C], sharded over processes.
 
     Rows are ordered by prompt length before batching (less padding); each process takes every k-th batch-sized
@@ -124,7 +142,7 @@ def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: Candi
         raise DelrecError(f"batch size must be at least 1, got {batch_size}", field="evaluate.batch_size")
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     prompts, cands = lsr_inputs(dataset, histories, candidates.items, domain, teacher_name, history_len,
-                                soft_prompt=soft_prompt, year=year)
+                                soft_prompt=soft_prompt, year=year, verbalizer=verbalizer)
     order = np.argsort([len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, cands, strict=True)],
                        kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
@@ -182,7 +200,8 @@ def evaluate_llm(backbone: Backbone, soft_prompt: SoftPrompt | None, dataset: Se
     scorer = TitleScorer(backbone, soft_prompt, length_norm=length_norm,
                          append_eos=scoring.append_eos(backbone.kind))
     scores = score_candidates(scorer, dataset, candidates, histories, domain, teacher_name, history_len,
-                              batch_size, state=state, soft_prompt=soft_prompt is not None, year=scoring.year)
+                              batch_size, state=state, soft_prompt=soft_prompt is not None, year=scoring.year,
+                              verbalizer=scoring.verbalizer)
     return evaluate_scores(scores, candidates, seconds=time.perf_counter() - start)
 
 
@@ -236,5 +255,15 @@ def compare(results: dict[str, EvalResult]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-__all__ = ["EvalResult", "compare", "evaluate_llm", "evaluate_scores", "histories_for", "lsr_inputs",
-           "save_predictions", "score_candidates"]
+__all__ = [
+    "EvalResult",
+    "chance_metrics",
+    "compare",
+    "evaluate_llm",
+    "evaluate_scores",
+    "histories_for",
+    "lsr_inputs",
+    "popularity_scores",
+    "save_predictions",
+    "score_candidates",
+]

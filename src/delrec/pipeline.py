@@ -123,6 +123,9 @@ class RunConfig:
         if self.data.preprocess.min_seq_len < need:
             raise ConfigError(f"must be at least {need} for the {self.split.kind!r} split, got "
                               f"{self.data.preprocess.min_seq_len}", field="data.preprocess.min_seq_len")
+        for where, size in (("candidates.size", self.candidates.size), ("distill.candidate_size",
+                            self.distill.candidate_size), ("finetune.candidate_size", self.finetune.candidate_size)):
+            self.scoring.check_candidates(size, where)
 
 
 # Stage 1 on 2 CPU cores with SmolLM2-135M: one step (4 TA + 4 RPS examples, two backward passes for the dynamic
@@ -452,6 +455,22 @@ def teacher_stage(run: Run, name: str) -> dict[str, Any]:
     return row
 
 
+def popularity_stage(run: Run) -> dict[str, Any]:
+    """Rank the frozen test candidates by training-interaction count (the baseline beside every model)."""
+    from delrec.evaluate import evaluate_scores, popularity_scores
+
+    path = run.dir / "results" / "popularity.json"
+    if run.done("popularity") and path.is_file():
+        return read_json(path)
+    test = run.candidates("test")
+    t0 = time.perf_counter()
+    scores = popularity_scores(run.split.train_sequences, test.items, run.dataset.n_items)
+    row = _save_result(run, "popularity", evaluate_scores(scores, test, seconds=time.perf_counter() - t0),
+                       train_s=0.0)
+    run.mark("popularity")
+    return row
+
+
 def export_teacher_topk(run: Run, name: str, k: int | None = None, part: str = "train",
                         dest: Path | None = None) -> Path:
     """The teacher's top-k for each prefix of ``part`` (train: each full training sequence), rows aligned."""
@@ -571,7 +590,7 @@ def report_stage(run: Run) -> dict[str, Any]:
 
     test = run.candidates("test")
     rows: dict[str, dict[str, Any]] = {}
-    for name in [*run.cfg.teachers.models, "DELRec"]:
+    for name in ["popularity", *run.cfg.teachers.models, "DELRec"]:
         path = run.dir / "results" / f"{name}.json"
         if path.is_file():
             row = read_json(path)
@@ -594,6 +613,9 @@ def report_stage(run: Run) -> dict[str, Any]:
             "fingerprint": ds.fingerprint(), "candidates_hash": test.hash(), "candidate_size": test.size,
             "backbone": run.cfg.backbone.name_or_path, "profile": run.cfg.profile, "device": run.cfg.device,
             "notes": run.manifest.get("notes", [])}
+    from delrec.evaluate import chance_metrics
+
+    info["chance"] = chance_metrics(test.size)
     write_report(run.dir, info, rows, images)
     metrics = {"run": str(run.dir), **{k: v for k, v in info.items() if k != "notes"},
                "models": {name: {"metrics": r["metrics"], "train_s": r.get("train_s"), "infer_s": r.get("infer_s"),
@@ -678,6 +700,7 @@ def run_pipeline(run: Run, until: str | None = None) -> str:
     if until == "data":
         return f"{run.dir}: data prepared"
     teachers = list(dict.fromkeys([*cfg.teachers.models, cfg.teachers.distill_from]))
+    popularity_stage(run)
     for name in teachers:
         teacher_stage(run, name)
     if until == "teachers":
@@ -697,6 +720,8 @@ def run_pipeline(run: Run, until: str | None = None) -> str:
     write_json(run.dir / "manifest.json", run.manifest)
     lines = [f"{name:8s} HR@1 {m['metrics']['HR@1']['value']:.4f}  HR@5 {m['metrics']['HR@5']['value']:.4f}  "
              f"NDCG@5 {m['metrics']['NDCG@5']['value']:.4f}" for name, m in metrics["models"].items()]
+    ch = metrics["chance"]
+    lines.append(f"{'chance':8s} HR@1 {ch['HR@1']:.4f}  HR@5 {ch['HR@5']:.4f}  NDCG@5 {ch['NDCG@5']:.4f}")
     return "\n".join([*lines, f"report: {run.dir / 'report.md'}"])
 
 

@@ -74,6 +74,9 @@ def write_report(run_dir: Path, info: dict[str, Any], rows: dict[str, dict[str, 
         m = row["metrics"]
         lines.append(f"| {name} | " + " | ".join(format_metric(m[k]) for k in METRICS)
                      + f" | {row.get('train_s', float('nan')):.1f} | {row.get('infer_s', float('nan')):.1f} |")
+    if info.get("chance"):
+        ch = info["chance"]
+        lines.append(f"| chance (random order) | {ch['HR@1']:.4f} | {ch['HR@5']:.4f} | {ch['NDCG@5']:.4f} | – | – |")
     lines.append("")
     for img in images:
         lines += [f"![{Path(img).stem}]({img})", ""]
