@@ -173,11 +173,12 @@ class FinetuneConfig:
 
 # The paper's stage-2 hyper-parameters (method spec §4.3; optimizer AdamW instead of PagedLion8bit).
 PAPER = FinetuneConfig()
-# Finishes in ~4-5 minutes on 2 CPU cores with SmolLM2-135M and a 100-token soft prompt (~700 tokens per example;
-# one example forward+backward ≈ 3.3 s there, and batches of 1 pad least): small ranks, 60 examples, 30 updates.
-CPU = FinetuneConfig(init_r=8, target_r=4, lr=1e-3, warmup_steps=3, max_steps=30, batch_size=1, grad_accum=2,
-                     eval_every=15, patience=0, history_len=10, max_train_examples=60, max_valid_examples=16,
-                     eval_batch_size=4, profile="cpu")
+# ~13 minutes on 2 CPU cores with SmolLM2-135M (~2.1 s per example): plain LoRA (AdaLoRA's zero-initialised E and
+# early pruning barely move in 90 updates), every prefix of the training sequences (seeded sample of 360), the first
+# update at a non-zero lr. Chosen on validation rows only (benchmarks/results/learning_log.md).
+CPU = FinetuneConfig(adapter="lora", init_r=8, target_r=8, lr=1e-3, warmup_steps=5, max_steps=90, batch_size=1,
+                     grad_accum=4, eval_every=45, patience=0, history_len=10, sliding_window=True,
+                     max_train_examples=360, max_valid_examples=16, eval_batch_size=4, profile="cpu")
 PROFILES: dict[str, FinetuneConfig] = {"paper": PAPER, "cpu": CPU}
 
 
@@ -460,6 +461,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
 
     cfg.validate()
     scoring = scoring or ScoringConfig()
+    scoring.check_candidates(cfg.candidate_size, "finetune.candidate_size")
     out_dir = Path(out_dir)
     if cfg.adapter == "none":
         from accelerate import PartialState
@@ -535,7 +537,8 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         assert valid is not None
         scores = score_candidates(scorer, dataset, valid, valid_hist, domain, teacher_name, cfg.history_len,
                                   cfg.eval_batch_size or cfg.batch_size, state=accelerator.state,
-                                  desc="validate", soft_prompt=soft_prompt is not None, year=scoring.year)
+                                  desc="validate", soft_prompt=soft_prompt is not None, year=scoring.year,
+                                  verbalizer=scoring.verbalizer)
         from delrec.metrics import ranks_from_scores
 
         summary = summarize(ranks_from_scores(scores, valid.target_pos), ci=False)
@@ -568,7 +571,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
             rows = idx.tolist()
             prompts, titles = lsr_inputs(dataset, [examples[i].history for i in rows], cands.items[rows], domain,
                                          teacher_name, cfg.history_len, soft_prompt=soft_prompt is not None,
-                                         year=scoring.year)
+                                         year=scoring.year, verbalizer=scoring.verbalizer)
             target = torch.as_tensor(target_pos[rows], device=accelerator.device)
             last = micro == cfg.grad_accum - 1
             with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():
