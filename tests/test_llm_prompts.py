@@ -78,3 +78,35 @@ def test_truncate_history_and_unknown_domain():
     with pytest.raises(ConfigError) as e:
         lsr_prompt("books", "SASRec", H, C)
     assert e.value.field == "dataset.domain"
+
+
+# --- index verbalizer ----------------------------------------------------------------------------------------------
+def test_index_verbalizer_letters_the_candidates_and_scores_the_letters() -> None:
+    import numpy as np
+
+    from delrec.llm.prompts import ScoringConfig, TitleViews, render_lsr
+
+    views = TitleViews.of(["pad", *H, *C])  # item 0 is padding
+    prompts, cands = render_lsr(views, "movie", "SASRec", [np.array([1, 2])], np.array([[4, 5, 3]]), None,
+                                verbalizer="index")
+    assert "The candidate set is: (A) X (2000), (B) Y (2001), (C) C (1992). " in prompts[0]
+    assert cands == [["A", "B", "C"]]  # the score of a candidate is its letter's
+    titled = render_lsr(views, "movie", "SASRec", [np.array([1, 2])], np.array([[4, 5, 3]]), None)
+    assert titled[1] == [["X (2000)", "Y (2001)", "C (1992)"]] and "(A)" not in titled[0][0]
+    sc = ScoringConfig(verbalizer="index").validate()
+    assert not sc.append_eos("causal") and not sc.append_eos("seq2seq")  # a letter is the whole answer
+    with pytest.raises(ConfigError) as e:
+        sc.check_candidates(27, "candidates.size")
+    assert e.value.field == "candidates.size"
+    with pytest.raises(ConfigError) as e:
+        ScoringConfig(verbalizer="letters").validate()
+    assert e.value.field == "scoring.verbalizer"
+
+
+def test_index_verbalizer_reaches_ta_and_rps_prompts() -> None:
+    from delrec.llm.prompts import candidate_list
+
+    assert candidate_list(C, "index") == "(A) X (2000), (B) Y (2001)"
+    ta = ta_prompt("movie", "SASRec", H[:2], "M (1)", "N (2)", H, "Z (3)", C, verbalizer="index")
+    rps = rps_prompt("movie", "SASRec", H, C, ["Q (4)"], verbalizer="index")
+    assert all("The candidate set is: (A) X (2000), (B) Y (2001). " in p for p in (ta, rps))

@@ -132,3 +132,18 @@ def test_input_errors():
         scorer.score(["no slot here:"], [["A"]])
     with pytest.raises(ValueError, match="hidden size"):
         TitleScorer(bb, SoftPrompt(SoftPromptConfig(num_tokens=2), bb.hidden_size + 1))
+
+
+def test_index_verbalizer_scores_each_letter_at_the_answer_position(backbone):
+    """With the index verbalizer a candidate's score is log p(its letter | prompt): one row of the head."""
+    from delrec.llm.prompts import candidate_labels
+
+    scorer = TitleScorer(backbone, None, append_eos=False)
+    prompts = [lsr_prompt("movie", "SASRec", TITLES[:3], TITLES[3:7], verbalizer="index")]
+    labels = [candidate_labels(TITLES[3:7], "index")]
+    assert labels == [["A", "B", "C", "D"]] and "(A) Babe (1995), (B) Star Wars (1977)" in prompts[0]
+    with torch.no_grad():
+        fast = scorer.score(prompts, labels)
+        naive = scorer.score_naive(prompts, labels)
+    torch.testing.assert_close(fast, naive, atol=2e-5, rtol=1e-5)
+    assert float(fast.std()) > 1e-4

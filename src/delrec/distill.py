@@ -37,7 +37,15 @@ from delrec.data.splits import Example, Split
 from delrec.errors import ConfigError, DataError
 from delrec.io import atomic_dir, read_json, write_json
 from delrec.llm.backbone import Backbone
-from delrec.llm.prompts import ScoringConfig, domain_words, rps_prompt, ta_prompt, title_views, truncate_history
+from delrec.llm.prompts import (
+    ScoringConfig,
+    candidate_labels,
+    domain_words,
+    rps_prompt,
+    ta_prompt,
+    title_views,
+    truncate_history,
+)
 from delrec.llm.prompts import render_lsr as prompts_lsr
 from delrec.llm.scoring import TitleScorer
 from delrec.llm.soft_prompt import SoftPrompt, SoftPromptConfig
@@ -232,7 +240,8 @@ Rendered = tuple[list[str], list[list[str]], np.ndarray]
 
 
 def render_ta(examples: Sequence[TAExample], dataset: SeqDataset, teacher: str, history_len: int,
-              domain: str | None = None, soft_prompt: bool = True, year: str = "keep") -> Rendered:
+              domain: str | None = None, soft_prompt: bool = True, year: str = "keep",
+              verbalizer: str = "title") -> Rendered:
     dom = domain or dataset.domain
     v = title_views(dataset, year)
     shown = v.shown
@@ -242,13 +251,14 @@ def render_ta(examples: Sequence[TAExample], dataset: SeqDataset, teacher: str, 
                                  shown[ex.demo_next], truncate_history([shown[int(i)] for i in ex.history],
                                                                         history_len),
                                  shown[ex.next_item], [shown[int(i)] for i in ex.candidates],
-                                 soft_prompt=soft_prompt))
-        cands.append([v.scored[int(i)] for i in ex.candidates])
+                                 soft_prompt=soft_prompt, verbalizer=verbalizer))
+        cands.append(candidate_labels([v.scored[int(i)] for i in ex.candidates], verbalizer))
     return prompts, cands, np.array([ex.target_pos for ex in examples], dtype=np.int64)
 
 
 def render_rps(examples: Sequence[RPSExample], dataset: SeqDataset, teacher: str, history_len: int,
-               domain: str | None = None, soft_prompt: bool = True, year: str = "keep") -> Rendered:
+               domain: str | None = None, soft_prompt: bool = True, year: str = "keep",
+               verbalizer: str = "title") -> Rendered:
     dom = domain or dataset.domain
     v = title_views(dataset, year)
     shown = v.shown
@@ -256,14 +266,14 @@ def render_rps(examples: Sequence[RPSExample], dataset: SeqDataset, teacher: str
     for ex in examples:
         prompts.append(rps_prompt(dom, teacher, truncate_history([shown[int(i)] for i in ex.history], history_len),
                                   [shown[int(i)] for i in ex.candidates], [shown[int(i)] for i in ex.teacher_rest],
-                                  soft_prompt=soft_prompt))
-        cands.append([v.scored[int(i)] for i in ex.candidates])
+                                  soft_prompt=soft_prompt, verbalizer=verbalizer))
+        cands.append(candidate_labels([v.scored[int(i)] for i in ex.candidates], verbalizer))
     return prompts, cands, np.array([ex.target_pos for ex in examples], dtype=np.int64)
 
 
 def render_lsr(examples: Sequence[Example], candidates: CandidateSet, dataset: SeqDataset, teacher: str,
-               history_len: int, domain: str | None = None, soft_prompt: bool = True, year: str = "keep"
-               ) -> Rendered:
+               history_len: int, domain: str | None = None, soft_prompt: bool = True, year: str = "keep",
+               verbalizer: str = "title") -> Rendered:
     """LSR prompts for next-item examples with their frozen candidate rows (row r belongs to examples[r])."""
     if len(examples) != len(candidates) or any(int(ex.user) != int(u) or int(ex.target) != int(t) for ex, u, t in
                                                 zip(examples, candidates.users, candidates.targets, strict=True)):
@@ -271,7 +281,7 @@ def render_lsr(examples: Sequence[Example], candidates: CandidateSet, dataset: S
                           field="candidates")
     prompts, cands = prompts_lsr(title_views(dataset, year), domain or dataset.domain, teacher,
                                  [ex.history for ex in examples], candidates.items, history_len,
-                                 soft_prompt=soft_prompt)
+                                 soft_prompt=soft_prompt, verbalizer=verbalizer)
     return prompts, cands, candidates.target_pos
 
 
@@ -337,7 +347,8 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
     """
     cfg.validate()
     scoring = scoring or ScoringConfig()
-    year = scoring.year
+    year, verb = scoring.year, scoring.verbalizer
+    scoring.check_candidates(cfg.candidate_size, "distill.candidate_size")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sp_cfg = dataclasses.replace(soft_prompt_cfg or SoftPromptConfig(), teacher=teacher_name)
@@ -351,17 +362,18 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
     if "ta" in cfg.tasks:
         ex_ta = _cap(build_ta_examples(split, dataset, cfg.candidate_size, np.random.default_rng([cfg.seed, 1])),
                      cfg.train_examples, cfg.seed)
-        tasks["ta"] = render_ta(ex_ta, dataset, teacher_name, cfg.history_len, domain, year=year)
+        tasks["ta"] = render_ta(ex_ta, dataset, teacher_name, cfg.history_len, domain, year=year, verbalizer=verb)
     if "rps" in cfg.tasks:
         ex_rps = _cap(build_rps_examples(split, dataset, teacher_topk, cfg.candidate_size,
                                          np.random.default_rng([cfg.seed, 2]), k=cfg.teacher_k),
                       cfg.train_examples, cfg.seed)
-        tasks["rps"] = render_rps(ex_rps, dataset, teacher_name, cfg.history_len, domain, year=year)
+        tasks["rps"] = render_rps(ex_rps, dataset, teacher_name, cfg.history_len, domain, year=year,
+                                  verbalizer=verb)
     for name, (prompts, _, _) in tasks.items():
         if not prompts:
             raise DataError(f"no {name.upper()} training examples (TA needs sequences of >= {TA_MIN_LEN} items)",
                             field="distill.tasks")
-    valid = _valid_inputs(split, dataset, valid_candidates, teacher_name, cfg, domain, year)
+    valid = _valid_inputs(split, dataset, valid_candidates, teacher_name, cfg, domain, year, verb)
 
     # State: fresh or resumed.
     soft = SoftPrompt.init_for(backbone, sp_cfg)
@@ -443,7 +455,7 @@ def _cap(examples: list[Any], cap: int | None, seed: int) -> list[Any]:
 
 
 def _valid_inputs(split: Split, dataset: SeqDataset, cands: CandidateSet | None, teacher: str,
-                  cfg: DistillConfig, domain: str, year: str = "keep") -> Rendered:
+                  cfg: DistillConfig, domain: str, year: str = "keep", verbalizer: str = "title") -> Rendered:
     examples = split.examples("valid")
     if cands is None:
         cands = draw_candidates(examples, dataset, size=cfg.candidate_size, seed=cfg.seed) if examples else None
@@ -456,7 +468,8 @@ def _valid_inputs(split: Split, dataset: SeqDataset, cands: CandidateSet | None,
         raise ConfigError(f"validation candidates name user index {missing[0]}, who is not a validation user of "
                           "this split", field="candidates")
     examples = [by_user[int(u)] for u in cands.users]
-    rendered = render_lsr(examples, cands, dataset, teacher, cfg.history_len, domain, year=year)
+    rendered = render_lsr(examples, cands, dataset, teacher, cfg.history_len, domain, year=year,
+                          verbalizer=verbalizer)
     n = len(rendered[0]) if cfg.eval_examples is None else min(cfg.eval_examples, len(rendered[0]))
     return rendered[0][:n], rendered[1][:n], rendered[2][:n]
 

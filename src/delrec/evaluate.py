@@ -104,7 +104,8 @@ def lsr_inputs(dataset: SeqDataset, histories: Sequence[np.ndarray], cand_items:
     """Stage-2 (LSR) prompts and scored candidate titles for a batch: B histories, [B, C] candidate items.
 
     ``soft_prompt=False`` leaves the soft-prompt slot out of the text (the "no soft prompt" ablation); ``year`` is
-    `ScoringConfig.year`, ``verbalizer`` `ScoringConfig.verbalizer`. A thin wrapper of `delrec.llm.prompts.render_lsr`, the one LSR renderer.
+    `ScoringConfig.year`, ``verbalizer`` `ScoringConfig.verbalizer`. A thin wrapper of
+    `delrec.llm.prompts.render_lsr`, the one LSR renderer.
     """
     from delrec.llm.prompts import render_lsr, title_views
 

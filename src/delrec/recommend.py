@@ -281,9 +281,10 @@ class DELRec:
         """Stage-2 (LSR) prompts and scored candidate titles, from the one renderer the evaluation uses."""
         from delrec.llm.prompts import render_lsr, title_views
 
-        return render_lsr(title_views(self.dataset, _scoring(self.settings).year), self.domain,
+        sc = _scoring(self.settings)
+        return render_lsr(title_views(self.dataset, sc.year), self.domain,
                           self.settings.teacher_name, histories, candidates, self.settings.history_len,
-                          soft_prompt=self.has_soft_prompt)
+                          soft_prompt=self.has_soft_prompt, verbalizer=sc.verbalizer)
 
     def prompt(self, history: Sequence[int], candidates: Sequence[int]) -> str:
         """The stage-2 (LSR) prompt for item indices, exactly as the evaluation builds it."""

@@ -64,6 +64,9 @@ def truncate_history(titles: Sequence[str], n: int | None) -> list[str]:
 YearMode = Literal["keep", "unscored", "hidden"]
 YEAR_MODES: tuple[str, ...] = ("keep", "unscored", "hidden")
 EosMode = Literal["auto", "always", "never"]
+Verbalizer = Literal["title", "index"]
+VERBALIZERS: tuple[str, ...] = ("title", "index")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # index labels: " A" … " Z" are one token each in SmolLM2, Gemma 3, T5
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")  # MovieLens' trailing " (1995)"
 
 
@@ -75,22 +78,42 @@ class ScoringConfig:
     " (YYYY)" release year, scored without it (the released code's ``title[:-7]`` label words: the year is ~6
     digit tokens of a ~10-token title and would dominate a mean log-likelihood); ``hidden`` — the year is neither
     shown nor scored (shortest prompts). A title is kept whole where dropping its year would make it equal another.
-    ``eos``: score an end-of-sequence token after each title. ``auto``: for seq2seq backbones (T5's ``</s>`` ends
-    every target) but not causal ones (SmolLM2's EOS is a chat-turn token that never follows a list item).
+    ``verbalizer``: ``title`` — a candidate's score is its whole title's mean log-likelihood; ``index`` — candidates
+    are listed as "(A) title, (B) title, …" and a candidate's score is the log-probability of its letter at the
+    answer position (LlamaRec's verbalizer): one forward pass over the prompt and one vocabulary row per example,
+    nothing averaged over title tokens. At most 26 candidates.
+    ``eos``: score an end-of-sequence token after each title (never after an index letter). ``auto``: for seq2seq
+    backbones (T5's ``</s>`` ends every target) but not causal ones (SmolLM2's EOS is a chat-turn token that never
+    follows a list item).
     """
 
-    year: YearMode = "unscored"
-    eos: EosMode = "auto"
+    # Defaults measured (benchmarks/results/learning_log.md, 300 stage-2 examples, 200 validation rows): whole
+    # titles + EOS reach validation NDCG@5 0.385; year unscored / hidden without EOS 0.282 / 0.315, though 1.5× /
+    # 2.2× cheaper per example. The EOS score acts as a learnable "is this the one" verdict on each title.
+    year: YearMode = "keep"
+    eos: EosMode = "always"
+    verbalizer: Verbalizer = "title"
 
     def validate(self) -> ScoringConfig:
         if self.year not in YEAR_MODES:
             raise ConfigError(f"must be one of {', '.join(YEAR_MODES)}, got {self.year!r}", field="scoring.year")
         if self.eos not in ("auto", "always", "never"):
             raise ConfigError(f"must be auto, always or never, got {self.eos!r}", field="scoring.eos")
+        if self.verbalizer not in VERBALIZERS:
+            raise ConfigError(f"must be one of {', '.join(VERBALIZERS)}, got {self.verbalizer!r}",
+                              field="scoring.verbalizer")
         return self
 
     def append_eos(self, backbone_kind: str) -> bool:
+        if self.verbalizer == "index":
+            return False  # a letter is the whole answer
         return self.eos == "always" or (self.eos == "auto" and backbone_kind != "causal")
+
+    def check_candidates(self, size: int, field: str) -> None:
+        """Refuse a candidate-set size the verbalizer cannot label (checked before any training)."""
+        if self.verbalizer == "index" and size > len(LETTERS):
+            raise ConfigError(f"scoring.verbalizer=index labels at most {len(LETTERS)} candidates, got {size}",
+                              field=field)
 
 
 @dataclass(frozen=True)
@@ -129,6 +152,21 @@ def join_titles(titles: Sequence[str]) -> str:
     return ", ".join(t.strip() for t in titles)
 
 
+def candidate_list(titles: Sequence[str], verbalizer: str = "title") -> str:
+    """The candidate set as a prompt shows it: "A, B, C" or, for the index verbalizer, "(A) A, (B) B, (C) C"."""
+    if verbalizer == "index":
+        if len(titles) > len(LETTERS):
+            raise ConfigError(f"scoring.verbalizer=index labels at most {len(LETTERS)} candidates, got {len(titles)}",
+                              field="scoring.verbalizer")
+        return ", ".join(f"({LETTERS[j]}) {t.strip()}" for j, t in enumerate(titles))
+    return join_titles(titles)
+
+
+def candidate_labels(scored: Sequence[str], verbalizer: str = "title") -> list[str]:
+    """What each candidate is scored on: its (scored) title, or its letter for the index verbalizer."""
+    return list(LETTERS[:len(scored)]) if verbalizer == "index" else list(scored)
+
+
 def strip_slot(text: str) -> str:
     """The prompt without the soft prompt (the "no soft prompt" ablation)."""
     return text.replace(SOFT_PROMPT_SLOT, "")
@@ -140,7 +178,7 @@ def _slot(teacher: str, soft_prompt: bool) -> str:
 
 def ta_prompt(domain: str, teacher: str, demo_history: Sequence[str], demo_answer: str, demo_next: str,
               history: Sequence[str], next_title: str, candidates: Sequence[str], *,
-              soft_prompt: bool = True) -> str:
+              soft_prompt: bool = True, verbalizer: str = "title") -> str:
     """Temporal Analysis (§3.2): an in-context demo (items 1–2, masked item 3 = ``demo_answer``, then item 4 =
     ``demo_next``) and the query (``history`` = items 4..n−2, masked item n−1, then item n = ``next_title``).
     The answer (item n−1) follows the returned text."""
@@ -148,7 +186,7 @@ def ta_prompt(domain: str, teacher: str, demo_history: Sequence[str], demo_answe
     return (
         f"Simulate the recommendation pattern of the {teacher} model to make a temporal analysis of the {teacher} "
         f"model by analysing the most recent item in user's {w.history} history from candidate set. "
-        f"{_slot(teacher, soft_prompt)}. The candidate set is: {join_titles(candidates)}. "
+        f"{_slot(teacher, soft_prompt)}. The candidate set is: {candidate_list(candidates, verbalizer)}. "
         f"The user has already {w.did} {join_titles(demo_history)}, [{w.item} M]. "
         f"Then, The next {w.item} the user plan to {w.do} is {demo_next.strip()}. "
         f"The most recent item [{w.item} M] in user's {w.history} history is {demo_answer.strip()}. "
@@ -159,7 +197,7 @@ def ta_prompt(domain: str, teacher: str, demo_history: Sequence[str], demo_answe
 
 
 def rps_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Sequence[str],
-               teacher_rest: Sequence[str], *, soft_prompt: bool = True) -> str:
+               teacher_rest: Sequence[str], *, soft_prompt: bool = True, verbalizer: str = "title") -> str:
     """Recommendation Pattern Simulating (§3.3): predict the teacher's top-1; its top-2..k (``teacher_rest``) are
     shown. The answer (the teacher's top-1) follows the returned text."""
     w = domain_words(domain)
@@ -167,7 +205,7 @@ def rps_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Se
         f"Simulate the recommendation pattern of the {teacher} model to predict next {w.items} that the user might "
         f"{w.do} from candidate set based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
         f"The {w.history} history of the user is: {join_titles(history)}. "
-        f"The candidate set is: {join_titles(candidates)}. "
+        f"The candidate set is: {candidate_list(candidates, verbalizer)}. "
         f"Next {w.items} the user will {w.do} (predicted by the {teacher} model) might be:"
     )
     if not teacher_rest:
@@ -176,21 +214,21 @@ def rps_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Se
 
 
 def lsr_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Sequence[str], *,
-               soft_prompt: bool = True) -> str:
+               soft_prompt: bool = True, verbalizer: str = "title") -> str:
     """Stage-2 next-item prediction (§4.1). The answer (the user's next item) follows the returned text."""
     w = domain_words(domain)
     return (
         f"Refer to the recommendation pattern of the {teacher} model to predict the next {w.item} that the user "
         f"might {w.do} from candidate set based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
         f"The {w.history} history of the user is: {join_titles(history)}. "
-        f"The candidate set is: {join_titles(candidates)}. "
+        f"The candidate set is: {candidate_list(candidates, verbalizer)}. "
         f"The next {w.item} the user will {w.do} might be:"
     )
 
 
 def render_lsr(views: TitleViews, domain: str, teacher: str, histories: Sequence[Sequence[int] | np.ndarray],
                cand_items: Sequence[Sequence[int]] | np.ndarray, history_len: int | None, *,
-               soft_prompt: bool = True) -> tuple[list[str], list[list[str]]]:
+               soft_prompt: bool = True, verbalizer: str = "title") -> tuple[list[str], list[list[str]]]:
     """The one stage-2 (LSR) renderer: item histories + [B, C] candidate items → (prompts, scored candidate titles).
 
     Training, validation (both stages), test evaluation and `DELRec.recommend` all build their prompts here.
@@ -200,6 +238,6 @@ def render_lsr(views: TitleViews, domain: str, teacher: str, histories: Sequence
     for hist, row in zip(histories, cand_items, strict=True):
         shown = truncate_history([views.shown[int(i)] for i in hist], history_len)
         prompts.append(lsr_prompt(domain, teacher, shown, [views.shown[int(i)] for i in row],
-                                  soft_prompt=soft_prompt))
-        cands.append([views.scored[int(i)] for i in row])
+                                  soft_prompt=soft_prompt, verbalizer=verbalizer))
+        cands.append(candidate_labels([views.scored[int(i)] for i in row], verbalizer))
     return prompts, cands
