@@ -263,3 +263,14 @@ def test_ablation_switches(tmp_path: Path) -> None:
     assert any("lora_A" in n for n, _ in out.model.named_parameters())
     hist = read_json(tmp_path / "lora" / "history.json")
     assert hist["fingerprint"]["teacher"] == "GRU4Rec" and hist["fingerprint"]["soft_prompt"] is None
+
+
+def test_cpu_long_profile_trains_longer_and_validates_on_more_users() -> None:
+    from delrec.pipeline import load_config
+
+    short, long = load_config(overrides=["profile=cpu"]), load_config(overrides=["profile=cpu-long"])
+    assert long.profile == long.finetune.profile == "cpu-long"
+    assert long.finetune.max_steps >= 4 * short.finetune.max_steps
+    assert long.finetune.max_valid_examples >= 64 > short.finetune.max_valid_examples
+    assert long.distill.total_steps > short.distill.total_steps
+    assert long.scoring == short.scoring and long.soft_prompt == short.soft_prompt
