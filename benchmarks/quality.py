@@ -1,0 +1,270 @@
+"""Quality benchmark: DELRec against popularity, its teachers, a zero-shot LLM and TALLRec-style fine-tuning.
+
+    python benchmarks/quality.py --part ml-100k-user                      # default cpu profile, the paper's split
+    python benchmarks/quality.py --part ml-100k-user --base runs/ml-100k-cpu   # read an existing default run
+    python benchmarks/quality.py --part ml-100k-loo                       # cpu-long profile, all 943 test users
+    python benchmarks/quality.py --part beauty-loo                        # cpu-long, 1,000 sampled test users
+
+One part per invocation (each ≤ 2 hours on 2 cores); rows are merged into ``benchmarks/results/quality.json`` by
+(dataset, split, model, profile) and the table ``quality.md`` plus the learning curve ``quality_curve.png`` are
+rebuilt from all rows. Every setting is one resumable `delrec run` under ``--runs`` that reuses its part's base run
+(data, split, frozen candidates, teachers; stage 1 where unchanged), so all rows of a part are ranked on the same
+frozen candidate file — checked here by its hash. Settings (profiles) were chosen on validation users only
+(``benchmarks/results/learning_log.md``); nothing here is tuned on the test users.
+
+Per row: HR@1, HR@5, NDCG@5 with 95% bootstrap CIs, stage-2 training examples seen, wall seconds (train + inference
+of that model). Paired per-user tests of DELRec against the best teacher and TALLRec-style: the mean difference with
+a 95% bootstrap CI, and an exact two-sided sign test on the users where HR@1 differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from delrec.evaluate import chance_metrics
+from delrec.io import read_json, write_json, write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BEAUTY = ROOT.parent / "shared" / "data" / "amazon-beauty"
+TEACHERS = ("SASRec", "GRU4Rec", "Caser")
+
+# setting name → (--set overrides on top of the part's base run, model name of its DELRec row)
+VARIANTS: dict[str, tuple[list[str], str]] = {
+    "tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style"),
+    "zero_shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"], "zero-shot"),
+    "no_ta": (["distill.tasks=[rps]"], "DELRec w/o TA"),
+    "no_rps": (["distill.tasks=[ta]"], "DELRec w/o RPS"),
+}
+
+
+def _beauty() -> list[str]:
+    return ["data.name=amazon-beauty", f"data.path={BEAUTY}", "data.format=generic", "data.domain=beauty"]
+
+
+# part → (dataset label, base overrides, variants run on top of the base)
+PARTS: dict[str, tuple[str, list[str], list[str]]] = {
+    "ml-100k-user": ("ml-100k", ["profile=cpu"], []),
+    "ml-100k-user-tallrec": ("ml-100k", ["profile=cpu"], ["tallrec"]),
+    "ml-100k-loo": ("ml-100k", ["profile=cpu-long", "split.kind=loo", "candidates.max_test=null"],
+                    ["tallrec", "zero_shot", "no_ta", "no_rps"]),
+    "beauty-loo": ("amazon-beauty", ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000", *_beauty()],
+                   ["tallrec"]),
+}
+
+
+def delrec_run(out: Path, overrides: list[str], reuse: Path | None, log: Path) -> float:
+    """One resumable `delrec run` in a subprocess; returns the wall seconds of this invocation."""
+    cmd = [sys.executable, "-m", "delrec", "run", "--out", str(out)]
+    for o in overrides:
+        cmd += ["--set", o]
+    if reuse is not None:
+        cmd += ["--reuse", str(reuse)]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with log.open("a", encoding="utf-8") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
+    if proc.returncode != 0:
+        sys.exit(f"{out}: delrec run failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - t0
+
+
+def _ranks(run: Path, model: str) -> np.ndarray:
+    name = model if model in ("DELRec", "popularity") else model.lower()
+    return np.asarray(read_json(run / "results" / f"{name}.json")["ranks"], dtype=np.int64)
+
+
+def _per_user(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    return {"HR@1": (ranks == 1).astype(float), "HR@5": (ranks <= 5).astype(float),
+            "NDCG@5": np.where(ranks <= 5, 1 / np.log2(ranks + 1), 0.0)}
+
+
+def _stage2_examples(run: Path) -> int | None:
+    path = run / "finetune" / "history.json"
+    if not path.is_file():
+        return None
+    h = read_json(path)
+    cfg = h["config"]
+    if cfg.get("adapter") == "none":
+        return 0
+    return int(h["steps"]) * int(cfg["batch_size"]) * int(cfg["grad_accum"]) * int(h.get("processes", 1))
+
+
+def rows_of(run: Path, part: str, models: list[str], rename: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    m = read_json(run / "metrics.json")
+    out = []
+    for model in models:
+        row = m["models"][model]
+        name = (rename or {}).get(model, model)
+        wall = (row.get("train_s") or 0.0) + (row.get("infer_s") or 0.0)
+        out.append({"dataset": m["dataset"], "split": m["split"], "model": name, "profile": m["profile"],
+                    "part": part, "run": os.path.relpath(run, ROOT),
+                    "train_examples": _stage2_examples(run) if model == "DELRec" else None,
+                    "n_test": m["n_test"], "candidates_hash": m["candidates_hash"],
+                    **{k: round(v["value"], 4) for k, v in row["metrics"].items()},
+                    "ci": {k: [round(v["lo"], 4), round(v["hi"], 4)] for k, v in row["metrics"].items()},
+                    "wall_s": round(wall, 1)})
+    return out
+
+
+def sign_test(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided sign test p-value on the pairs where ``a`` and ``b`` differ."""
+    wins, losses = int((a > b).sum()), int((a < b).sum())
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(run_a: Path, model_a: str, name_a: str, run_b: Path, model_b: str, name_b: str,
+           resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Per-user paired comparison of two models on the same frozen candidates."""
+    ra, rb = _ranks(run_a, model_a), _ranks(run_b, model_b)
+    if len(ra) != len(rb):
+        raise SystemExit(f"{name_a} and {name_b} were ranked on different test sets ({len(ra)} vs {len(rb)})")
+    pa, pb = _per_user(ra), _per_user(rb)
+    idx = np.random.default_rng(seed).integers(0, len(ra), size=(resamples, len(ra)))
+    diff = {}
+    for k in pa:
+        d = pa[k] - pb[k]
+        boot = d[idx].mean(axis=1)
+        diff[k] = {"mean": round(float(d.mean()), 4), "ci": [round(float(np.quantile(boot, 0.025)), 4),
+                                                            round(float(np.quantile(boot, 0.975)), 4)]}
+    return {"a": name_a, "b": name_b, "n": len(ra), "diff_a_minus_b": diff,
+            "sign_test_HR@1_p": round(sign_test(pa["HR@1"], pb["HR@1"]), 5),
+            "HR@1_wins_losses": [int((pa["HR@1"] > pb["HR@1"]).sum()), int((pa["HR@1"] < pb["HR@1"]).sum())]}
+
+
+def curve(run: Path, name: str) -> list[dict[str, Any]]:
+    """Validation metrics of a stage-2 run against training examples seen (its periodic evaluations)."""
+    path = run / "finetune" / "history.json"
+    if not path.is_file():
+        return []
+    h = read_json(path)
+    cfg = h["config"]
+    per_step = int(cfg["batch_size"]) * int(cfg["grad_accum"]) * int(h.get("processes", 1))
+    return [{"model": name, "examples": int(e["step"]) * per_step, "n_valid": h.get("n_valid"), **e["valid"]}
+            for e in h["history"] if "valid" in e]
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    out = ["# Quality benchmark", "", f"Generated {result['generated']} by `benchmarks/quality.py`; settings chosen on "
+           "validation users only (benchmarks/results/learning_log.md). All rows of one dataset/split/profile share "
+           "one frozen candidate file (target + 19 negatives). 95% bootstrap CIs in brackets.", "",
+           "| dataset | split | profile | model | HR@1 | HR@5 | NDCG@5 | stage-2 examples | n test | wall s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ci = r["ci"]
+        seen = "–" if r["train_examples"] is None else r["train_examples"]
+        out.append(f"| {r['dataset']} | {r['split']} | {r['profile']} | {r['model']} | {r['HR@1']:.4f} "
+                   f"[{ci['HR@1'][0]:.3f}, {ci['HR@1'][1]:.3f}] | {r['HR@5']:.4f} | {r['NDCG@5']:.4f} "
+                   f"[{ci['NDCG@5'][0]:.3f}, {ci['NDCG@5'][1]:.3f}] | {seen} | {r['n_test']} | {r['wall_s']:.0f} |")
+    if result["tests"]:
+        out += ["", "## Paired per-user tests", "",
+                "| dataset | split | A | B | n | ΔHR@1 (A−B) [95% CI] | ΔNDCG@5 [95% CI] | HR@1 wins/losses "
+                "| sign test p |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for t in result["tests"]:
+            d = t["diff_a_minus_b"]
+            out.append(f"| {t['dataset']} | {t['split']} | {t['a']} | {t['b']} | {t['n']} | {d['HR@1']['mean']:+.4f} "
+                       f"[{d['HR@1']['ci'][0]:+.3f}, {d['HR@1']['ci'][1]:+.3f}] | {d['NDCG@5']['mean']:+.4f} "
+                       f"[{d['NDCG@5']['ci'][0]:+.3f}, {d['NDCG@5']['ci'][1]:+.3f}] | "
+                       f"{t['HR@1_wins_losses'][0]}/{t['HR@1_wins_losses'][1]} | {t['sign_test_HR@1_p']:.3g} |")
+    missing = [p for p in PARTS if p not in result["parts"]]
+    if missing:
+        out += ["", f"Parts not run yet: {', '.join(missing)}."]
+    if result.get("curves"):
+        out += ["", "![learning curve](quality_curve.png)"]
+    return out
+
+
+def plot(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, pts in curves.items():
+        if pts:
+            ax.plot([p["examples"] for p in pts], [p["NDCG@5"] for p in pts], marker="o", label=key)
+    ax.set_xlabel("stage-2 training examples seen")
+    ax.set_ylabel("validation NDCG@5")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=list(PARTS), required=True)
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--base", type=Path, default=None, help="an existing base run folder for this part")
+    ap.add_argument("--out", type=Path, default=RESULTS / "quality")
+    args = ap.parse_args()
+    args.runs.mkdir(parents=True, exist_ok=True)
+    log = args.runs / "quality.log"
+    dataset, base_over, variants = PARTS[args.part]
+    group = args.part.removesuffix("-tallrec")
+    base = (args.base or args.runs / group).resolve()
+    wall = {"base": delrec_run(base, base_over, None, log)}
+    rows = rows_of(base, args.part, ["popularity", *TEACHERS, "DELRec"])
+    runs = {"DELRec": base}
+    for v in variants:
+        over, name = VARIANTS[v]
+        out = args.runs / f"{group}-{v}"
+        wall[v] = delrec_run(out, base_over + over, base, log)
+        rows += rows_of(out, args.part, ["DELRec"], rename={"DELRec": name})
+        runs[name] = out
+    hashes = {r["candidates_hash"] for r in rows}
+    if len(hashes) != 1:
+        sys.exit(f"rows of part {args.part} were ranked on different candidate files: {sorted(hashes)}")
+
+    m = read_json(base / "metrics.json")
+    best = max(TEACHERS, key=lambda t: m["models"][t]["metrics"]["HR@1"]["value"])
+    tests = [{"dataset": dataset, "split": m["split"], "profile": m["profile"],
+              **paired(base, "DELRec", "DELRec", base, best, best)},
+             {"dataset": dataset, "split": m["split"], "profile": m["profile"],
+              **paired(base, "DELRec", "DELRec", base, "popularity", "popularity")}]
+    if "TALLRec-style" in runs:
+        tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
+                      **paired(base, "DELRec", "DELRec", runs["TALLRec-style"], "DELRec", "TALLRec-style")})
+    curves = {f"{args.part} {name}": curve(run, name) for name, run in runs.items()}
+
+    path = args.out.with_suffix(".json")
+    old = read_json(path) if path.is_file() else {"rows": [], "tests": [], "parts": {}, "curves": {}}
+    key = ("dataset", "split", "model", "profile")
+    mine = {tuple(r[k] for k in key) for r in rows}
+    result = {
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows": [r for r in old["rows"] if tuple(r[k] for k in key) not in mine] + rows,
+        "tests": [t for t in old["tests"] if (t["dataset"], t["split"], t["profile"]) !=
+                  (dataset, m["split"], m["profile"]) or t["b"] not in {x["b"] for x in tests}] + tests,
+        "parts": {**old.get("parts", {}), args.part: {"wall_s_this_invocation": {k: round(v, 1) for k, v in
+                                                                                 wall.items()},
+                                                      "best_teacher": best, "base": os.path.relpath(base, ROOT)}},
+        "curves": {**old.get("curves", {}), **curves},
+        "chance": chance_metrics(int(m["candidate_size"])),
+    }
+    write_json(path, result)
+    write_text(args.out.with_suffix(".md"), "\n".join(table(result)) + "\n")
+    plot(result["curves"], args.out.parent / f"{args.out.name}_curve.png")
+    print("\n".join(table(result)))
+
+
+if __name__ == "__main__":
+    main()
