@@ -105,6 +105,15 @@ truncated_line = zlib.decompressobj(wbits=31).decompress(truncated_gz).count(b"\
 # id → (files, config overrides, expectation)
 CASE_LIST: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] = [
     # --- generic TSV ---
+    # Ids are text; one number spelt two ways (1 / 01 / 1.0) is refused instead of becoming two users or items.
+    ("generic_user_id_two_spellings", generic(inter=GEN_HEAD + "1\ti1\t100\n1\ti2\t200\n1\ti3\t300\n"
+                                              "01\ti2\t100\n01\ti3\t200\n01\ti1\t300\n"), {},
+     err("interactions.tsv", 5, "user_id")),
+    ("generic_item_id_float_spelling", generic(inter=GEN_HEAD + "u1\t1\t100\nu1\t2\t200\nu1\t3\t300\n"
+                                               "u2\t2\t100\nu2\t1.0\t200\n",
+                                               items="item_id\ttitle\n1\tRose Toner\n2\tHand Cream\n"
+                                                     "3\tMascara\n"), {},
+     err("interactions.tsv", 6, "item_id")),
     ("generic_wrong_encoding", generic(items=("item_id\ttitle\ni1\tRose Toner\ni2\tCr\xe8me\ni3\tMascara\n")
                                        .encode("latin-1")), {}, err("items.tsv", 3, "title")),
     ("generic_missing_column", generic(inter="user_id\titem_id\n" + "".join(

@@ -161,6 +161,8 @@ class _Table:
                 r = int(empty[0])
                 first = str(self.frame.iloc[r, 0])
                 raise self.fail(r, name, f"empty or missing {what}{_delimiter_hint(first, self.sep)}")
+        if what.endswith(" id"):
+            _check_id_spelling(col, self.fail, name)
         return col
 
 
@@ -750,7 +752,26 @@ def _as_str(frame: pd.DataFrame, col: str, fail: Any, *, required: bool = True, 
         empty = np.flatnonzero((s == "").to_numpy())
         if len(empty):
             raise fail(int(empty[0]), col, f"empty or missing {what}")
-    return s.reset_index(drop=True)
+    s = s.reset_index(drop=True)
+    if what.endswith(" id"):
+        _check_id_spelling(s, fail, col)
+    return s
+
+
+def _check_id_spelling(ids: pd.Series, fail: Any, field: str) -> None:
+    """Ids are read as text: ``1``, ``01`` and ``1.0`` are three ids. When one file spells the same number two
+    ways, that is almost always a formatting accident (a spreadsheet, a float column), so it is refused rather
+    than silently splitting one user or item in two."""
+    num = pd.to_numeric(ids, errors="coerce")
+    ok = num.notna().to_numpy()
+    if not ok.any():
+        return
+    first = pd.DataFrame({"s": ids[ok], "n": num[ok], "row": np.flatnonzero(ok)}).drop_duplicates("s")
+    clash = first[first.duplicated("n", keep=False)]
+    if len(clash):
+        a, b = clash.iloc[0], clash[clash["n"] == clash.iloc[0]["n"]].iloc[1]
+        raise fail(int(b["row"]), field, f"id {b['s']!r} is the number of id {a['s']!r} written another way; ids "
+                   "are read as text, so these would be two different ids: write each id one way")
 
 
 def load_generic(folder: str | Path, *, name: str = "dataset", domain: str = "generic",
