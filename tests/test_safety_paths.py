@@ -111,3 +111,30 @@ def test_cuda_without_cuda_is_refused_before_any_stage(device: str, tmp_path: Pa
 
 def test_bad_device_name(tmp_path: Path, tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "--device" in _refused(["recommend", str(tiny_run), "--history", "1", "--device", "tpu"], capsys)
+
+
+@pytest.mark.parametrize("damage", ["pickle", "garbage"])
+def test_backbone_folder_with_unsafe_or_damaged_weights(damage: str, tmp_path: Path) -> None:
+    """A local model folder whose pytorch_model.bin is a pickle payload, or whose safetensors is garbage: refused
+    as a ConfigError (one line in the CLI), and the payload never runs."""
+    from delrec.errors import ConfigError
+    from delrec.llm.backbone import Backbone, BackboneConfig
+    from delrec.llm.tiny import tiny_backbone
+
+    class Boom:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (Path.touch, (str(tmp_path / "pwned"),))
+
+    folder = tmp_path / "model"
+    bb = tiny_backbone("llama")
+    bb.model.save_pretrained(folder)
+    bb.tokenizer.save_pretrained(folder)
+    if damage == "pickle":
+        (folder / "model.safetensors").unlink()
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
+    else:
+        (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError) as e:
+        Backbone.load(BackboneConfig(name_or_path=str(folder)))
+    assert e.value.field == "backbone.name_or_path" and "\n" not in str(e.value)
+    assert not (tmp_path / "pwned").exists()

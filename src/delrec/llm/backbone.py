@@ -14,12 +14,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from delrec.errors import ConfigError
@@ -147,6 +149,13 @@ class Backbone:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load {cfg.name_or_path!r}: {_first_line(e)}",
+                              field="backbone.name_or_path") from e
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickled weights file
+            raise ConfigError(f"cannot load {cfg.name_or_path!r}: its pytorch_model.bin holds objects other than "
+                              "tensors and is not unpickled; use a safetensors copy of the model",
+                              field="backbone.name_or_path") from e
+        except SafetensorError as e:
+            raise ConfigError(f"cannot load {cfg.name_or_path!r}: damaged safetensors file ({_first_line(e)})",
                               field="backbone.name_or_path") from e
         model.to(cfg.device)
         bb = cls(model, tokenizer, detected, cfg)
