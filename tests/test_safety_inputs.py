@@ -142,3 +142,15 @@ def test_unreadable_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
 def test_error_lines_are_clipped() -> None:
     line = DelrecError("x" * 10_000, file="/" + "d" * 500, line=3, field="data.name").one_line()
     assert len(line) <= MAX_LINE and line.endswith("…") and ":3: field 'data.name'" in line
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) would read 1e-4 as a string and the lr check would refuse it."""
+    from delrec.pipeline import load_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("finetune: {lr: 2e-4}\n", encoding="utf-8")
+    assert load_config(cfg_file).finetune.lr == 2e-4
+    assert load_config(overrides=["finetune.lr=3e-3", "distill.lr=1E-2"]).finetune.lr == 3e-3
+    assert load_config(overrides=["distill.lr=1E-2"]).distill.lr == 1e-2
+    assert load_config(overrides=["seed=7"]).seed == 7  # ints stay ints

@@ -8,6 +8,7 @@ and maps a bad key back to the line of the YAML file it came from.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -46,6 +47,13 @@ class _BoundedLoader(yaml.SafeLoader):
                 line = self.peek_event().start_mark.line + 1
                 raise _YAMLTooBig(f"more than {MAX_YAML_ALIASES} YAML aliases (*name)", line)
         return super().compose_node(parent, index)  # type: ignore[no-any-return]
+
+
+# YAML 1.1 (PyYAML) reads "1e-4" as a string, so `--set finetune.lr=1e-4` would be refused; YAML 1.2 reads it as
+# the float everyone means. Added after the 1.1 float resolver, so ints and "1.0e-4" resolve as before.
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def _expanded_size(root: yaml.Node) -> int:
