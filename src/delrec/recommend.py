@@ -336,6 +336,10 @@ class DELRec:
             raise DelrecError(f"k must be a positive integer, got {k!r}", field="k")
         if chunk_size < 2 or batch_size < 1:
             raise DelrecError("chunk_size must be ≥ 2 and batch_size ≥ 1", field="chunk_size")
+        if _scoring(self.settings).verbalizer == "index":
+            from delrec.llm.prompts import LETTERS
+
+            chunk_size = min(chunk_size, len(LETTERS))  # a prompt can letter at most 26 candidates
         hist = self.resolve_history(history)
         cands = self._candidates(hist, candidates, all_items, int(k), seed)
         return self._rank(self._truncate(hist), cands, int(k), batch_size, chunk_size, progress=all_items)
