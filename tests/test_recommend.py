@@ -170,3 +170,29 @@ def test_run_config_defaults_and_errors(tmp_path) -> None:  # type: ignore[no-un
         read_run_config(tmp_path)
     with pytest.raises(DelrecError, match=r"no config\.yaml"):
         read_run_config(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("year", "verbalizer"), [("keep", "title"), ("hidden", "title"), ("unscored", "index")])
+def test_training_evaluation_and_recommend_render_the_same_prompts(model: DELRec, year: str, verbalizer: str) -> None:
+    """One LSR renderer: stage-2 training/validation (evaluate.lsr_inputs), stage-1 validation (distill.render_lsr)
+    and `DELRec.recommend` (DELRec.inputs) give identical prompts and scored labels for every scoring option."""
+    import dataclasses
+
+    import numpy as np
+
+    from delrec.data import draw_candidates, make_split
+    from delrec.distill import render_lsr
+    from delrec.evaluate import lsr_inputs
+
+    ds = model.dataset
+    ex = make_split(ds, "user", seed=0).examples("valid")[:3]
+    cs = draw_candidates(ex, ds, size=6, seed=5)
+    hist = [e.history for e in ex]
+    rec = DELRec(ds, scorer=None, has_soft_prompt=True, settings=dataclasses.replace(
+        model.settings, scoring={"year": year, "verbalizer": verbalizer}))
+    s = rec.settings
+    a = lsr_inputs(ds, hist, cs.items, rec.domain, s.teacher_name, s.history_len, year=year, verbalizer=verbalizer)
+    b = render_lsr(ex, cs, ds, s.teacher_name, s.history_len, rec.domain, year=year, verbalizer=verbalizer)[:2]
+    c = rec.inputs([h.tolist() for h in hist], np.asarray(cs.items).tolist())
+    assert a == tuple(b) == c
+    assert (verbalizer == "index") == ("(A) " in a[0][0])
