@@ -191,3 +191,6 @@ def test_reuse_copies_only_stages_whose_settings_match(setup: Path, reference: P
     assert reuse_stages(Run(tmp_path / "lr", cfg), reference) == ["data", "teacher:sasrec", "teacher:gru4rec"]
     cfg = load_config(setup / "config.yaml", ["split.seed=9"])
     assert reuse_stages(Run(tmp_path / "split", cfg), reference) == []
+    # a run that was itself made with --reuse can be reused in turn (its stages already record "reused")
+    cfg = load_config(setup / "config.yaml", ["distill.lr=0.5"])
+    assert reuse_stages(Run(tmp_path / "chain", cfg), out) == ["data", "teacher:sasrec", "teacher:gru4rec"]

@@ -662,22 +662,23 @@ def reuse_stages(run: Run, base_dir: str | Path) -> list[str]:
         if key in base.manifest:
             run.manifest[key] = base.manifest[key]
     reused = ["data"]
-    run.mark("data", **{k: v for k, v in base.manifest["stages"]["data"].items() if k != "done"}, reused=str(base.dir))
+    def facts(key: str) -> dict[str, Any]:  # a stage's recorded facts, less its own bookkeeping (base may be reused)
+        return {k: v for k, v in base.manifest["stages"][key].items() if k not in ("done", "reused")}
+
+    run.mark("data", **facts("data"), reused=str(base.dir))
     for name in MODELS:
         key = f"teacher:{name}"
         if base.done(key) and same(*data_keys, f"teachers.{name}", "teachers.top_k"):
             for rel in (f"teachers/{name}", f"results/{name}.json", f"predictions/{name}.parquet"):
                 copy(rel)
             run.mark(key + ":trained")
-            run.mark(key, **{k: v for k, v in base.manifest["stages"][key].items() if k != "done"},
-                     reused=str(base.dir))
+            run.mark(key, **facts(key), reused=str(base.dir))
             reused.append(key)
     teacher = run.cfg.teachers.distill_from
     if (base.done("distill") and f"teacher:{teacher}" in reused
             and same("teachers.distill_from", "backbone", "soft_prompt", "scoring", "distill")):
         copy("distill")
-        run.mark("distill", **{k: v for k, v in base.manifest["stages"]["distill"].items() if k != "done"},
-                 reused=str(base.dir))
+        run.mark("distill", **facts("distill"), reused=str(base.dir))
         reused.append("distill")
     run._dataset = run._split = None
     for part in ("valid", "test"):
