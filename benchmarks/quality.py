@@ -3,6 +3,7 @@
     python benchmarks/quality.py --part ml-100k-user                      # default cpu profile, the paper's split
     python benchmarks/quality.py --part ml-100k-user --base runs/ml-100k-cpu   # read an existing default run
     python benchmarks/quality.py --part ml-100k-loo                       # cpu-long profile, all 943 test users
+    python benchmarks/quality.py --part ml-100k-loo-tallrec               # … then the TALLRec-style row on its base
     python benchmarks/quality.py --part beauty-loo                        # cpu-long, 1,000 sampled test users
 
 One part per invocation (each ≤ 2 hours on 2 cores); rows are merged into ``benchmarks/results/quality.json`` by
@@ -52,14 +53,19 @@ def _beauty() -> list[str]:
     return ["data.name=amazon-beauty", f"data.path={BEAUTY}", "data.format=generic", "data.domain=beauty"]
 
 
-# part → (dataset label, base overrides, variants run on top of the base)
-PARTS: dict[str, tuple[str, list[str], list[str]]] = {
-    "ml-100k-user": ("ml-100k", ["profile=cpu"], []),
-    "ml-100k-user-tallrec": ("ml-100k", ["profile=cpu"], ["tallrec"]),
-    "ml-100k-loo": ("ml-100k", ["profile=cpu-long", "split.kind=loo", "candidates.max_test=null"],
-                    ["tallrec", "zero_shot", "no_ta", "no_rps"]),
-    "beauty-loo": ("amazon-beauty", ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000", *_beauty()],
-                   ["tallrec"]),
+# part → (group, dataset label, base overrides, variants run on top of the base). The parts of one group share one
+# base run (``--runs``/group): data, split, frozen candidates, teachers, DELRec; each part stays under 2 hours.
+_LOO = ["profile=cpu-long", "split.kind=loo"]
+PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
+    "ml-100k-user": ("ml-100k-user", "ml-100k", ["profile=cpu"], []),
+    "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", ["profile=cpu"], ["tallrec"]),
+    "ml-100k-loo": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], []),
+    "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], ["tallrec"]),
+    "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], ["zero_shot"]),
+    "ml-100k-loo-ablations": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], ["no_ta", "no_rps"]),
+    "beauty-loo": ("beauty-loo", "amazon-beauty", [*_LOO, "candidates.max_test=1000", *_beauty()], []),
+    "beauty-loo-tallrec": ("beauty-loo", "amazon-beauty", [*_LOO, "candidates.max_test=1000", *_beauty()],
+                           ["tallrec"]),
 }
 
 
@@ -218,8 +224,7 @@ def main() -> None:
     args = ap.parse_args()
     args.runs.mkdir(parents=True, exist_ok=True)
     log = args.runs / "quality.log"
-    dataset, base_over, variants = PARTS[args.part]
-    group = args.part.removesuffix("-tallrec")
+    group, dataset, base_over, variants = PARTS[args.part]
     base = (args.base or args.runs / group).resolve()
     wall = {"base": delrec_run(base, base_over, None, log)}
     rows = rows_of(base, args.part, ["popularity", *TEACHERS, "DELRec"])
