@@ -160,6 +160,10 @@ def test_artifacts_and_rank_pruning(trained) -> None:
     hist = read_json(out / "history.json")
     assert hist["steps"] == 12 and hist["adapter"] == "adalora" and hist["best"] is not None
     assert [e["step"] for e in hist["history"] if "valid" in e] == [4, 8, 12]
+    for e in hist["history"]:  # the mean target rank is logged beside the metrics, within [1, C]
+        if "valid" in e:
+            assert 1.0 <= e["valid"]["mean_rank"] <= trained["cfg"].candidate_size
+            assert e["valid"]["HR@1"] < 1.0 or e["valid"]["mean_rank"] == 1.0
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     cfg = read_json(out / "adapter" / "adapter_config.json")

@@ -547,8 +547,10 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                                   verbalizer=scoring.verbalizer)
         from delrec.metrics import ranks_from_scores
 
-        summary = summarize(ranks_from_scores(scores, valid.target_pos), ci=False)
-        return {k: v["value"] for k, v in summary.items()}
+        ranks = ranks_from_scores(scores, valid.target_pos)
+        # The mean target rank moves before HR@1 does and, unlike the loss over near-flat mean log-likelihoods
+        # (≈ ln C even while ranks improve), reads the same for every verbalizer.
+        return {**{k: v["value"] for k, v in summarize(ranks, ci=False).items()}, "mean_rank": float(ranks.mean())}
 
     def record(entry: dict[str, Any]) -> None:
         st["history"].append(entry)
