@@ -148,7 +148,7 @@ def paired(run_a: Path, model_a: str, name_a: str, run_b: Path, model_b: str, na
         diff[k] = {"mean": round(float(d.mean()), 4), "ci": [round(float(np.quantile(boot, 0.025)), 4),
                                                             round(float(np.quantile(boot, 0.975)), 4)]}
     return {"a": name_a, "b": name_b, "n": len(ra), "diff_a_minus_b": diff,
-            "sign_test_HR@1_p": round(sign_test(pa["HR@1"], pb["HR@1"]), 5),
+            "sign_test_HR@1_p": float(f"{sign_test(pa['HR@1'], pb['HR@1']):.3g}"),
             "HR@1_wins_losses": [int((pa["HR@1"] > pb["HR@1"]).sum()), int((pa["HR@1"] < pb["HR@1"]).sum())]}
 
 
