@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --part ml-100k-user                      # default cpu profile, the paper's split
     python benchmarks/quality.py --part ml-100k-user --base runs/ml-100k-cpu   # read an existing default run
+    python benchmarks/quality.py --part ml-100k-loo-cpu                   # cpu profile, all 943 loo test users
     python benchmarks/quality.py --part ml-100k-loo                       # cpu-long profile, all 943 test users
     python benchmarks/quality.py --part ml-100k-loo-tallrec               # … then the TALLRec-style row on its base
     python benchmarks/quality.py --part beauty-loo                        # cpu-long, 1,000 sampled test users
@@ -59,6 +60,11 @@ _LOO = ["profile=cpu-long", "split.kind=loo"]
 PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-user": ("ml-100k-user", "ml-100k", ["profile=cpu"], []),
     "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", ["profile=cpu"], ["tallrec"]),
+    # The default cpu budget on all 943 loo test users: paired tests with 10× the users of the user split.
+    "ml-100k-loo-cpu": ("ml-100k-loo-cpu", "ml-100k", ["profile=cpu", "split.kind=loo", "candidates.max_test=null"],
+                        []),
+    "ml-100k-loo-cpu-tallrec": ("ml-100k-loo-cpu", "ml-100k", ["profile=cpu", "split.kind=loo",
+                                                               "candidates.max_test=null"], ["tallrec"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], []),
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], ["zero_shot"]),
