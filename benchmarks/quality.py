@@ -254,7 +254,7 @@ def main() -> None:
     if "TALLRec-style" in runs:
         tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
                       **paired(base, "DELRec", "DELRec", runs["TALLRec-style"], "DELRec", "TALLRec-style")})
-    curves = {f"{args.part} {name}": curve(run, name) for name, run in runs.items()}
+    curves = {f"{group} {name}": curve(run, name) for name, run in runs.items()}  # one curve per run, not per part
 
     path = args.out.with_suffix(".json")
     old = read_json(path) if path.is_file() else {"rows": [], "tests": [], "parts": {}, "curves": {}}
@@ -268,7 +268,10 @@ def main() -> None:
         "parts": {**old.get("parts", {}), args.part: {"wall_s_this_invocation": {k: round(v, 1) for k, v in
                                                                                  wall.items()},
                                                       "best_teacher": best, "base": os.path.relpath(base, ROOT)}},
-        "curves": {**old.get("curves", {}), **curves},
+        "curves": {**{k: v for k, v in old.get("curves", {}).items()
+                      # keys named by part (older files) give way to this group's keys
+                      if k.split(" ")[0] not in {p for p, spec in PARTS.items() if spec[0] == group} - {group}},
+                   **curves},
         "chance": chance_metrics(int(m["candidate_size"])),
     }
     write_json(path, result)
