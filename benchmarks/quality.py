@@ -57,14 +57,13 @@ def _beauty() -> list[str]:
 # part → (group, dataset label, base overrides, variants run on top of the base). The parts of one group share one
 # base run (``--runs``/group): data, split, frozen candidates, teachers, DELRec; each part stays under 2 hours.
 _LOO = ["profile=cpu-long", "split.kind=loo"]
+_LOO_CPU = ["profile=cpu", "split.kind=loo", "candidates.max_test=null"]
 PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-user": ("ml-100k-user", "ml-100k", ["profile=cpu"], []),
     "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", ["profile=cpu"], ["tallrec"]),
     # The default cpu budget on all 943 loo test users: paired tests with 10× the users of the user split.
-    "ml-100k-loo-cpu": ("ml-100k-loo-cpu", "ml-100k", ["profile=cpu", "split.kind=loo", "candidates.max_test=null"],
-                        []),
-    "ml-100k-loo-cpu-tallrec": ("ml-100k-loo-cpu", "ml-100k", ["profile=cpu", "split.kind=loo",
-                                                               "candidates.max_test=null"], ["tallrec"]),
+    "ml-100k-loo-cpu": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, []),
+    "ml-100k-loo-cpu-tallrec": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["tallrec"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], []),
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], ["zero_shot"]),
