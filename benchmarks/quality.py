@@ -56,21 +56,21 @@ def _beauty() -> list[str]:
 
 # part → (group, dataset label, base overrides, variants run on top of the base). The parts of one group share one
 # base run (``--runs``/group): data, split, frozen candidates, teachers, DELRec; each part stays under 2 hours.
-_LOO = ["profile=cpu-long", "split.kind=loo"]
+_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=null"]  # every ML-100K test user
 _LOO_CPU = ["profile=cpu", "split.kind=loo", "candidates.max_test=null"]
+_BEAUTY_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000", *_beauty()]
 PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-user": ("ml-100k-user", "ml-100k", ["profile=cpu"], []),
     "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", ["profile=cpu"], ["tallrec"]),
     # The default cpu budget on all 943 loo test users: paired tests with 10× the users of the user split.
     "ml-100k-loo-cpu": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, []),
     "ml-100k-loo-cpu-tallrec": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["tallrec"]),
-    "ml-100k-loo": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], []),
-    "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], ["tallrec"]),
-    "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], ["zero_shot"]),
-    "ml-100k-loo-ablations": ("ml-100k-loo", "ml-100k", [*_LOO, "candidates.max_test=null"], ["no_ta", "no_rps"]),
-    "beauty-loo": ("beauty-loo", "amazon-beauty", [*_LOO, "candidates.max_test=1000", *_beauty()], []),
-    "beauty-loo-tallrec": ("beauty-loo", "amazon-beauty", [*_LOO, "candidates.max_test=1000", *_beauty()],
-                           ["tallrec"]),
+    "ml-100k-loo": ("ml-100k-loo", "ml-100k", _LOO, []),
+    "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", _LOO, ["tallrec"]),
+    "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", _LOO, ["zero_shot"]),
+    "ml-100k-loo-ablations": ("ml-100k-loo", "ml-100k", _LOO, ["no_ta", "no_rps"]),
+    "beauty-loo": ("beauty-loo", "amazon-beauty", _BEAUTY_LOO, []),
+    "beauty-loo-tallrec": ("beauty-loo", "amazon-beauty", _BEAUTY_LOO, ["tallrec"]),
 }
 
 
@@ -255,6 +255,8 @@ def main() -> None:
                       **paired(base, "DELRec", "DELRec", runs["TALLRec-style"], "DELRec", "TALLRec-style")})
     curves = {f"{group} {name}": curve(run, name) for name, run in runs.items()}  # one curve per run, not per part
 
+    # curve keys named by a part of this group (older files) give way to the group's keys
+    legacy = {p for p, spec in PARTS.items() if spec[0] == group} - {group}
     path = args.out.with_suffix(".json")
     old = read_json(path) if path.is_file() else {"rows": [], "tests": [], "parts": {}, "curves": {}}
     key = ("dataset", "split", "model", "profile")
@@ -267,10 +269,7 @@ def main() -> None:
         "parts": {**old.get("parts", {}), args.part: {"wall_s_this_invocation": {k: round(v, 1) for k, v in
                                                                                  wall.items()},
                                                       "best_teacher": best, "base": os.path.relpath(base, ROOT)}},
-        "curves": {**{k: v for k, v in old.get("curves", {}).items()
-                      # keys named by part (older files) give way to this group's keys
-                      if k.split(" ")[0] not in {p for p, spec in PARTS.items() if spec[0] == group} - {group}},
-                   **curves},
+        "curves": {**{k: v for k, v in old.get("curves", {}).items() if k.split(" ")[0] not in legacy}, **curves},
         "chance": chance_metrics(int(m["candidate_size"])),
     }
     write_json(path, result)
