@@ -67,7 +67,6 @@ def main() -> None:
     from delrec.finetune import FinetuneConfig, finetune
     from delrec.llm.backbone import Backbone
     from delrec.llm.prompts import ScoringConfig
-    from delrec.llm.scoring import TitleScorer
     from delrec.pipeline import TEACHER_NAMES, Run
 
     run = Run(args.base, log=lambda s: None)
@@ -99,8 +98,7 @@ def main() -> None:
 
     def rank() -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
-        scorer = TitleScorer(backbone, soft, length_norm=cfg.length_norm,
-                             append_eos=scoring.append_eos(backbone.kind))
+        scorer = scoring.scorer(backbone, soft)
         s = score_candidates(scorer, ds, vc, hist, ds.domain, teacher, cfg.history_len, 4,
                              soft_prompt=soft is not None, year=scoring.year, verbalizer=scoring.verbalizer)
         ranks = ranks_from_scores(s, vc.target_pos)

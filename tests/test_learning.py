@@ -7,6 +7,7 @@ A stage whose loss goes down while its ranking does not move is a bug, so these 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from delrec.data.candidates import draw_candidates
@@ -27,12 +28,13 @@ def _hr1(scorer: TitleScorer, prompts: list[str], titles: list[list[str]], targe
     return float((ranks_from_scores(s, target) == 1).mean())
 
 
-def test_stage2_overfits_a_handful_of_examples(tmp_path) -> None:
-    # Title verbalizer only: the index one must also learn to bind letters to titles, which this 2-layer model
-    # does not do in a bounded number of steps (0.125 → 0.375 in 100–300 steps); it is measured on SmolLM2 instead.
+# Title verbalizers only: the index one must also learn to bind letters to titles, which this 2-layer model does
+# not do in a bounded number of steps (0.125 → 0.375 in 100–300 steps); it is measured on SmolLM2 instead.
+@pytest.mark.parametrize("sc", [ScoringConfig(), ScoringConfig(reduce="sum"),
+                                ScoringConfig(verbalizer="open")], ids=["title-mean", "title-sum", "open"])
+def test_stage2_overfits_a_handful_of_examples(tmp_path, sc: ScoringConfig) -> None:
     ds = tiny_dataset(n_users=24, n_items=60, seed=3)
     split = make_split(ds, "user", seed=0)
-    sc = ScoringConfig()
     cfg = FinetuneConfig.from_profile("cpu", adapter="lora", target_r=8, lr=0.01, warmup_steps=0, max_steps=100,
                                       batch_size=8, grad_accum=1, eval_every=100, patience=0, history_len=6,
                                       max_train_examples=8, max_valid_examples=4, candidate_size=10,
@@ -42,9 +44,12 @@ def test_stage2_overfits_a_handful_of_examples(tmp_path) -> None:
     prompts, titles = lsr_inputs(ds, [e.history for e in exs], cs.items, "movie", "SASRec", 6, year=sc.year,
                                  verbalizer=sc.verbalizer)
     bb = tiny_backbone("llama", seed=0)
-    before = _hr1(TitleScorer(bb, None, append_eos=sc.append_eos(bb.kind)), prompts, titles, cs.target_pos)
+    def scorer() -> TitleScorer:
+        return sc.scorer(bb)
+
+    before = _hr1(scorer(), prompts, titles, cs.target_pos)
     bb = finetune(bb, ds, split, None, "SASRec", cfg, tmp_path / "ft", scoring=sc)
-    after = _hr1(TitleScorer(bb, None, append_eos=sc.append_eos(bb.kind)), prompts, titles, cs.target_pos)
+    after = _hr1(scorer(), prompts, titles, cs.target_pos)
     assert before < 0.5, before  # not already solved by the random model
     assert after >= 0.9, (before, after)
 

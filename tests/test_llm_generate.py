@@ -29,7 +29,7 @@ def test_constrained_generation_returns_a_candidate_batch_independent(kind):
 
 def test_constrained_first_step_is_the_best_allowed_token():
     bb = tiny_backbone("llama")
-    scorer = TitleScorer(bb, None, length_norm=False)
+    scorer = TitleScorer(bb, None, "sum")
     by_first: dict[int, str] = {}
     for t in ["Fargo (1996)", "Heat (1995)", "Star Wars (1977)", "Toy Story (1995)", "Batman (1989)", "1", "q"]:
         by_first.setdefault(scorer.encode_title(t)[0], t)

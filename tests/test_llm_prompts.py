@@ -110,3 +110,21 @@ def test_index_verbalizer_reaches_ta_and_rps_prompts() -> None:
     ta = ta_prompt("movie", "SASRec", H[:2], "M (1)", "N (2)", H, "Z (3)", C, verbalizer="index")
     rps = rps_prompt("movie", "SASRec", H, C, ["Q (4)"], verbalizer="index")
     assert all("The candidate set is: (A) X (2000), (B) Y (2001). " in p for p in (ta, rps))
+
+
+# --- open verbalizer -----------------------------------------------------------------------------------------------
+def test_open_verbalizer_lists_no_candidates_and_scores_titles() -> None:
+    import numpy as np
+
+    from delrec.llm.prompts import ScoringConfig, TitleViews, render_lsr
+
+    views = TitleViews.of(["pad", *H, *C])
+    prompts, cands = render_lsr(views, "movie", "SASRec", [np.array([1, 2])], np.array([[4, 5, 3]]), None,
+                                verbalizer="open")
+    assert "candidate set is" not in prompts[0] and "X (2000)" not in prompts[0]
+    assert prompts[0].endswith("might be:") and H[0] in prompts[0]
+    assert cands == [["X (2000)", "Y (2001)", "C (1992)"]]
+    ta = ta_prompt("movie", "SASRec", H[:2], "M (1)", "N (2)", H, "Z (3)", C, verbalizer="open")
+    rps = rps_prompt("movie", "SASRec", H, C, ["Q (4)"], verbalizer="open")
+    assert all("X (2000)" not in p and "candidate set is" not in p for p in (ta, rps))
+    assert ScoringConfig(verbalizer="open", eos="always").validate().append_eos("causal")

@@ -31,10 +31,10 @@ def backbone(request):
 
 
 @pytest.mark.parametrize("with_soft", [True, False])
-@pytest.mark.parametrize("length_norm", [True, False])
-def test_fast_equals_naive(backbone, with_soft, length_norm):
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_fast_equals_naive(backbone, with_soft, reduce):
     soft = SoftPrompt.init_for(backbone, SoftPromptConfig(num_tokens=6)) if with_soft else None
-    scorer = TitleScorer(backbone, soft, length_norm=length_norm)
+    scorer = TitleScorer(backbone, soft, reduce)
     prompts, cands = _batch()
     with torch.no_grad():
         fast = scorer.score(prompts, cands)

@@ -38,7 +38,7 @@ def build_tiny_run(root: Path, *, teacher: bool = True, soft_prompt: bool = True
         "teachers": {"distill_from": "sasrec"},
         "soft_prompt": {"num_tokens": 4, "teacher": "SASRec"},
         "finetune": {"history_len": history_len},
-        "evaluate": {"length_norm": True},
+        "scoring": {"year": "keep", "eos": "always", "reduce": "mean"},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     if soft_prompt:

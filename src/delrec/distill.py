@@ -81,7 +81,6 @@ class DistillConfig:
     history_len: int = field(default=10, metadata={"help": "most recent N titles shown in a prompt's history"})
     candidate_size: int = field(default=20, metadata={"help": "candidates per example (target included)"})
     teacher_k: int = field(default=10, metadata={"help": "teacher top-k used by RPS (top-1 = target)"})
-    length_norm: bool = field(default=True, metadata={"help": "score titles by mean (True) or sum token log-prob"})
     seed: int = field(default=1234, metadata={"help": "seed of example building, data order and init"})
     train_examples: int | None = field(default=None, metadata={"help": "cap on examples per task (None: all)"})
     eval_examples: int | None = field(default=200, metadata={"help": "cap on validation users (None: all)"})
@@ -385,8 +384,7 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
         state, history = _load_checkpoint(ckpt, cfg, soft, opt, out_dir)  # also restores torch's RNG
     else:
         torch.manual_seed(cfg.seed)
-    scorer = TitleScorer(backbone, soft, length_norm=cfg.length_norm, batch_size=cfg.micro_batch_size,
-                         append_eos=scoring.append_eos(backbone.kind))
+    scorer = scoring.scorer(backbone, soft, batch_size=cfg.micro_batch_size)
 
     bar = None
     if progress:

@@ -179,8 +179,8 @@ def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: Candi
 
 def evaluate_llm(backbone: Backbone, soft_prompt: SoftPrompt | None, dataset: SeqDataset, candidates: CandidateSet,
                  domain: str, teacher_name: str, history_len: int, batch_size: int,
-                 histories: Sequence[np.ndarray], *, length_norm: bool = True,
-                 state: PartialState | None = None, scoring: ScoringConfig | None = None) -> EvalResult:
+                 histories: Sequence[np.ndarray], *, state: PartialState | None = None,
+                 scoring: ScoringConfig | None = None) -> EvalResult:
     """Rank each frozen candidate set with the LLM (backbone + optional soft prompt + optional adapter).
 
     ``histories[r]`` is the chronological item history of candidate row ``r`` (see `histories_for`).
@@ -189,7 +189,6 @@ def evaluate_llm(backbone: Backbone, soft_prompt: SoftPrompt | None, dataset: Se
     ``scoring``: how titles are shown and scored (`ScoringConfig`; None = its defaults).
     """
     from delrec.llm.prompts import ScoringConfig
-    from delrec.llm.scoring import TitleScorer
 
     scoring = scoring or ScoringConfig()
 
@@ -198,8 +197,7 @@ def evaluate_llm(backbone: Backbone, soft_prompt: SoftPrompt | None, dataset: Se
 
         state = PartialState(cpu=str(getattr(backbone, "device", "cpu")).startswith("cpu"))
     start = time.perf_counter()
-    scorer = TitleScorer(backbone, soft_prompt, length_norm=length_norm,
-                         append_eos=scoring.append_eos(backbone.kind))
+    scorer = scoring.scorer(backbone, soft_prompt)
     scores = score_candidates(scorer, dataset, candidates, histories, domain, teacher_name, history_len,
                               batch_size, state=state, soft_prompt=soft_prompt is not None, year=scoring.year,
                               verbalizer=scoring.verbalizer)

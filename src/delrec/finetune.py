@@ -94,7 +94,6 @@ class FinetuneConfig:
     max_valid_examples: int = 0  # cap on validation rows used for model selection (seeded subsample); 0 = all
     candidate_size: int = 20  # candidates per training example: target + size-1 unseen negatives (paper 20)
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
-    length_norm: bool = True  # score a title by its mean (not summed) token log-likelihood
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
     profile: str = "paper"  # the preset these values started from (recorded only)
 
@@ -463,7 +462,6 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     from peft import get_peft_model
 
     from delrec.llm.prompts import ScoringConfig
-    from delrec.llm.scoring import TitleScorer
 
     cfg.validate()
     scoring = scoring or ScoringConfig()
@@ -503,8 +501,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     # soft prompt and inputs on the backbone's device) is built; prepare() would move it only afterwards.
     model.to(accelerator.device)
     backbone.model = model
-    scorer = TitleScorer(backbone, soft_prompt, length_norm=cfg.length_norm,
-                         append_eos=scoring.append_eos(backbone.kind))
+    scorer = scoring.scorer(backbone, soft_prompt)
     adalora = cfg.adapter == "adalora"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

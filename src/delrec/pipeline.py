@@ -89,7 +89,6 @@ class TeachersConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 4  # prompts scored together
-    length_norm: bool = True  # mean (True) or summed (False) token log-likelihood of a title
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -563,8 +562,7 @@ def evaluate_stage(run: Run, backbone: Any, soft_prompt: Any) -> dict[str, Any]:
     cfg = run.cfg
     result = evaluate_llm(backbone, soft_prompt, run.dataset, test, cfg.data.domain or run.dataset.domain,
                           TEACHER_NAMES[cfg.teachers.distill_from], cfg.finetune.history_len,
-                          cfg.evaluate.batch_size, run.histories("test", test), length_norm=cfg.evaluate.length_norm,
-                          scoring=cfg.scoring)
+                          cfg.evaluate.batch_size, run.histories("test", test), scoring=cfg.scoring)
     stages = run.manifest["stages"]
     train_s = sum(float(stages.get(s, {}).get("seconds", 0.0)) for s in ("distill", "finetune"))
     row = _save_result(run, "DELRec", result, train_s=round(train_s, 1))

@@ -78,7 +78,6 @@ class RunSettings:
     teacher_name: str = "SASRec"  # how the prompt names it
     history_len: int | None = 20  # most recent history items put in the prompt (None: all)
     candidates: int = DEFAULT_CANDIDATES  # size of a drawn candidate set
-    length_norm: bool = True  # TitleScorer: average token log-likelihood over the title
     scoring: dict[str, Any] = field(default_factory=dict)  # ScoringConfig fields (how titles are shown and scored)
 
 
@@ -86,7 +85,7 @@ def read_run_config(run_dir: str | Path) -> RunSettings:
     """Read the few settings recommendation needs from ``RUN/config.yaml`` (the one place that knows its layout).
 
     Mirrors what the pipeline's evaluation uses: ``finetune.history_len`` (the stage-2 prompt's history), the teacher
-    ``teachers.distill_from`` named as in `pipeline.TEACHER_NAMES`, ``evaluate.length_norm``.
+    ``teachers.distill_from`` named as in `pipeline.TEACHER_NAMES`, ``scoring``.
     """
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -118,9 +117,10 @@ def read_run_config(run_dir: str | Path) -> RunSettings:
         teacher_name=_teacher_names().get(teacher.lower(), teacher),
         history_len=None if history_len is None else int(history_len),
         candidates=int(section("candidates").get("size") or DEFAULT_CANDIDATES),
-        length_norm=bool(section("evaluate").get("length_norm", True)),
-        # Runs written before the `scoring` section existed showed and scored whole titles with an EOS.
-        scoring=section("scoring") or {"year": "keep", "eos": "always"},
+        # Runs written before the `scoring` section existed showed and scored whole titles with an EOS; before
+        # `scoring.reduce`, the mean-or-sum choice was `evaluate.length_norm`.
+        scoring={"reduce": "mean" if section("evaluate").get("length_norm", True) else "sum",
+                 **(section("scoring") or {"year": "keep", "eos": "always"})},
     )
 
 
@@ -170,7 +170,6 @@ class DELRec:
         simply not used (e.g. a run stopped after stage 1).
         """
         from delrec.llm.backbone import Backbone, BackboneConfig
-        from delrec.llm.scoring import TitleScorer
 
         run_dir = Path(run_dir)
         settings = read_run_config(run_dir)
@@ -205,8 +204,7 @@ class DELRec:
 
             teacher = SeqRecommender.from_pretrained(teacher_dir, device="cpu")  # small: CPU is fast enough
         scoring = _scoring(settings)
-        scorer = TitleScorer(backbone, soft_prompt, length_norm=settings.length_norm,
-                             append_eos=scoring.append_eos(backbone.kind))
+        scorer = scoring.scorer(backbone, soft_prompt)
         return cls(dataset, scorer, settings, teacher=teacher, run_dir=run_dir,
                    has_soft_prompt=soft_prompt is not None, has_adapter=adapter_dir.is_dir(),
                    backbone_name=str(bcfg.name_or_path))

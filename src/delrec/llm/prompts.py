@@ -64,8 +64,9 @@ def truncate_history(titles: Sequence[str], n: int | None) -> list[str]:
 YearMode = Literal["keep", "unscored", "hidden"]
 YEAR_MODES: tuple[str, ...] = ("keep", "unscored", "hidden")
 EosMode = Literal["auto", "always", "never"]
-Verbalizer = Literal["title", "index"]
-VERBALIZERS: tuple[str, ...] = ("title", "index")
+Reduce = Literal["mean", "sum"]
+Verbalizer = Literal["title", "index", "open"]
+VERBALIZERS: tuple[str, ...] = ("title", "index", "open")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # index labels: " A" … " Z" are one token each in SmolLM2, Gemma 3, T5
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")  # MovieLens' trailing " (1995)"
 
@@ -81,10 +82,14 @@ class ScoringConfig:
     ``verbalizer``: ``title`` — a candidate's score is its whole title's mean log-likelihood; ``index`` — candidates
     are listed as "(A) title, (B) title, …" and a candidate's score is the log-probability of its letter at the
     answer position (LlamaRec's verbalizer): one forward pass over the prompt and one vocabulary row per example,
-    nothing averaged over title tokens. At most 26 candidates.
+    nothing averaged over title tokens. At most 26 candidates. ``open`` — scored as ``title``, but the prompt does not
+    list the candidates: a title's score is the LM's own likelihood of it as the next item (no copying from a list,
+    ~200 fewer prompt tokens per stage-2 example).
     ``eos``: score an end-of-sequence token after each title (never after an index letter). ``auto``: for seq2seq
     backbones (T5's ``</s>`` ends every target) but not causal ones (SmolLM2's EOS is a chat-turn token that never
     follows a list item).
+    ``reduce``: a title's score from its token log-likelihoods — ``mean`` or ``sum`` (the title's log-probability).
+    All of these hold for training (both stages), validation, test evaluation and recommendation alike.
     """
 
     # Defaults measured (benchmarks/results/learning_log.md, 300 stage-2 examples, 200 validation rows): whole
@@ -93,12 +98,15 @@ class ScoringConfig:
     year: YearMode = "keep"
     eos: EosMode = "always"
     verbalizer: Verbalizer = "title"
+    reduce: Reduce = "mean"
 
     def validate(self) -> ScoringConfig:
         if self.year not in YEAR_MODES:
             raise ConfigError(f"must be one of {', '.join(YEAR_MODES)}, got {self.year!r}", field="scoring.year")
         if self.eos not in ("auto", "always", "never"):
             raise ConfigError(f"must be auto, always or never, got {self.eos!r}", field="scoring.eos")
+        if self.reduce not in ("mean", "sum"):
+            raise ConfigError(f"must be mean or sum, got {self.reduce!r}", field="scoring.reduce")
         if self.verbalizer not in VERBALIZERS:
             raise ConfigError(f"must be one of {', '.join(VERBALIZERS)}, got {self.verbalizer!r}",
                               field="scoring.verbalizer")
@@ -108,6 +116,12 @@ class ScoringConfig:
         if self.verbalizer == "index":
             return False  # a letter is the whole answer
         return self.eos == "always" or (self.eos == "auto" and backbone_kind != "causal")
+
+    def scorer(self, backbone: Any, soft_prompt: Any = None, **kwargs: Any) -> Any:
+        """The `TitleScorer` these settings describe (``kwargs``: its batch and memory knobs)."""
+        from delrec.llm.scoring import TitleScorer
+
+        return TitleScorer(backbone, soft_prompt, self.reduce, append_eos=self.append_eos(backbone.kind), **kwargs)
 
     def check_candidates(self, size: int, field: str) -> None:
         """Refuse a candidate-set size the verbalizer cannot label (checked before any training)."""
@@ -152,6 +166,11 @@ def join_titles(titles: Sequence[str]) -> str:
     return ", ".join(t.strip() for t in titles)
 
 
+def candidate_sentence(titles: Sequence[str], verbalizer: str = "title") -> str:
+    """ "The candidate set is: …. " as the prompts print it; empty for the ``open`` verbalizer (nothing listed)."""
+    return "" if verbalizer == "open" else f"The candidate set is: {candidate_list(titles, verbalizer)}. "
+
+
 def candidate_list(titles: Sequence[str], verbalizer: str = "title") -> str:
     """The candidate set as a prompt shows it: "A, B, C" or, for the index verbalizer, "(A) A, (B) B, (C) C"."""
     if verbalizer == "index":
@@ -186,7 +205,7 @@ def ta_prompt(domain: str, teacher: str, demo_history: Sequence[str], demo_answe
     return (
         f"Simulate the recommendation pattern of the {teacher} model to make a temporal analysis of the {teacher} "
         f"model by analysing the most recent item in user's {w.history} history from candidate set. "
-        f"{_slot(teacher, soft_prompt)}. The candidate set is: {candidate_list(candidates, verbalizer)}. "
+        f"{_slot(teacher, soft_prompt)}. {candidate_sentence(candidates, verbalizer)}"
         f"The user has already {w.did} {join_titles(demo_history)}, [{w.item} M]. "
         f"Then, The next {w.item} the user plan to {w.do} is {demo_next.strip()}. "
         f"The most recent item [{w.item} M] in user's {w.history} history is {demo_answer.strip()}. "
@@ -205,7 +224,7 @@ def rps_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Se
         f"Simulate the recommendation pattern of the {teacher} model to predict next {w.items} that the user might "
         f"{w.do} from candidate set based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
         f"The {w.history} history of the user is: {join_titles(history)}. "
-        f"The candidate set is: {candidate_list(candidates, verbalizer)}. "
+        f"{candidate_sentence(candidates, verbalizer)}"
         f"Next {w.items} the user will {w.do} (predicted by the {teacher} model) might be:"
     )
     if not teacher_rest:
@@ -221,7 +240,7 @@ def lsr_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Se
         f"Refer to the recommendation pattern of the {teacher} model to predict the next {w.item} that the user "
         f"might {w.do} from candidate set based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
         f"The {w.history} history of the user is: {join_titles(history)}. "
-        f"The candidate set is: {candidate_list(candidates, verbalizer)}. "
+        f"{candidate_sentence(candidates, verbalizer)}"
         f"The next {w.item} the user will {w.do} might be:"
     )
 

@@ -34,18 +34,20 @@ from delrec.llm.prompts import SOFT_PROMPT_SLOT, strip_slot
 from delrec.llm.soft_prompt import SoftPrompt
 
 SOFT_ID = -1  # placeholder id of a soft-prompt position inside prompt token lists
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 
 
 class TitleScorer:
     """Scores candidate titles under ``backbone`` with ``soft_prompt`` spliced in at `SOFT_PROMPT_SLOT`.
 
-    ``length_norm``: mean log-probability per title token (True) or the sum (False).
+    ``reduce``: a title's score from its token log-probabilities: ``mean`` per token or ``sum`` (the title's
+    log-probability).
     ``append_eos``: score the end-of-sequence token after each title too, so "Toy Story" is not favoured over
     "Toy Story 2" merely for being a prefix of it (and so generation knows where a title ends).
     ``batch_size``: examples per forward pass in `rank` (`score` runs what it is given as one batch).
     """
 
-    def __init__(self, backbone: Backbone, soft_prompt: SoftPrompt | None, length_norm: bool = True, *,
+    def __init__(self, backbone: Backbone, soft_prompt: SoftPrompt | None, reduce: str = "mean", *,
                  append_eos: bool = True, batch_size: int = 4, logit_chunk_mb: int = 64) -> None:
         self.backbone = backbone
         self.soft_prompt = soft_prompt
@@ -54,7 +56,9 @@ class TitleScorer:
                 raise ValueError(f"soft prompt width {soft_prompt.hidden_size} != backbone hidden size "
                                  f"{backbone.hidden_size}")
             soft_prompt.to(backbone.device)
-        self.length_norm = length_norm
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
+        self.reduce = reduce
         self.append_eos = append_eos
         self.batch_size = batch_size
         self.logit_chunk_mb = logit_chunk_mb
@@ -128,7 +132,7 @@ class TitleScorer:
         if rest.numel():
             total = total.index_add(0, owner, rest.float())
         total = total.view(len(prompts), c)
-        return total / lengths if self.length_norm else total
+        return total / lengths if self.reduce == "mean" else total
 
     @torch.no_grad()
     def rank(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
@@ -176,7 +180,7 @@ class TitleScorer:
                                                  attention_mask=torch.ones_like(ids),
                                                  decoder_input_ids=dec).logits[0]
                 lp = F.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(t, device=dev)[:, None])
-                rows.append(((b, j), lp.sum() / (len(t) if self.length_norm else 1)))
+                rows.append(((b, j), lp.sum() / (len(t) if self.reduce == "mean" else 1)))
         for (b, j), v in rows:
             out[b, j] = v
         return out
