@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--soft-prompt", type=Path, default=None)
     ap.add_argument("--n-valid", type=int, default=200)
     ap.add_argument("--zero-shot", action="store_true", help="also rank before training")
+    ap.add_argument("--note", default="", help="a remark for the log (e.g. timing shared the CPU with another job)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "probes")
     args = ap.parse_args()
 
@@ -86,7 +87,8 @@ def main() -> None:
     vc = draw_candidates(vex, ds, size=20, seed=7)
     hist = [e.history for e in vex]
     out: dict[str, Any] = {"name": args.name, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "overrides": args.overrides, "n_valid": len(vc), "valid_candidates": vc.hash()}
+                           "overrides": args.overrides, "note": args.note, "n_valid": len(vc),
+                           "valid_candidates": vc.hash()}
     out["popularity"] = _row("popularity", summarize(ranks_from_scores(popularity_scores(split, vc.items),
                                                                        vc.target_pos), ci=False))
     soft = None
@@ -134,7 +136,11 @@ def write_table() -> None:
              "| popularity HR@1 / NDCG@5 | n valid |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         v, p = r["valid"], r["popularity"]
-        lines.append(f"| {i} | {r['name']} | `{' '.join(r['overrides'])}` | {r['train_examples']} | "
+        note = f" ({r['note']})" if r.get("note") else ""
+        zs = r.get("zero_shot")
+        if zs:
+            note += f" (before training: NDCG@5 {zs['NDCG@5']})"
+        lines.append(f"| {i} | {r['name']}{note} | `{' '.join(r['overrides'])}` | {r['train_examples']} | "
                      f"{r['s_per_example']} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | {v['HR@1']} | "
                      f"{v['HR@5']} | {v['NDCG@5']} | {v['mean_rank']} | {p['HR@1']} / {p['NDCG@5']} | "
                      f"{r['n_valid']} |")

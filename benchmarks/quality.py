@@ -61,7 +61,7 @@ _LOO_CPU = ["profile=cpu", "split.kind=loo", "candidates.max_test=null"]
 _BEAUTY_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000", *_beauty()]
 PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-user": ("ml-100k-user", "ml-100k", ["profile=cpu"], []),
-    "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", ["profile=cpu"], ["tallrec"]),
+    "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", ["profile=cpu"], ["tallrec", "zero_shot"]),
     # The default cpu budget on all 943 loo test users: paired tests with 10× the users of the user split.
     "ml-100k-loo-cpu": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, []),
     "ml-100k-loo-cpu-tallrec": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["tallrec"]),

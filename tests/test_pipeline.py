@@ -194,3 +194,16 @@ def test_reuse_copies_only_stages_whose_settings_match(setup: Path, reference: P
     # a run that was itself made with --reuse can be reused in turn (its stages already record "reused")
     cfg = load_config(setup / "config.yaml", ["distill.lr=0.5"])
     assert reuse_stages(Run(tmp_path / "chain", cfg), out) == ["data", "teacher:sasrec", "teacher:gru4rec"]
+
+
+def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) -> None:
+    from delrec.pipeline import load_config
+
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump({"distill": {"length_norm": True}, "finetune": {"length_norm": True},
+                                   "evaluate": {"length_norm": False, "batch_size": 2}}), encoding="utf-8")
+    cfg = load_config(old)
+    assert cfg.scoring.reduce == "sum" and cfg.evaluate.batch_size == 2  # the test metrics' setting wins
+    old.write_text(yaml.safe_dump({"finetune": {"length_norm": False}, "scoring": {"reduce": "mean"}}),
+                   encoding="utf-8")
+    assert load_config(old).scoring.reduce == "mean"  # an explicit new setting is kept
