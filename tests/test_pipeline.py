@@ -204,6 +204,8 @@ def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) ->
                                    "evaluate": {"length_norm": False, "batch_size": 2}}), encoding="utf-8")
     cfg = load_config(old)
     assert cfg.scoring.reduce == "sum" and cfg.evaluate.batch_size == 2  # the test metrics' setting wins
+    assert cfg.scoring.verbalizer == "title"  # what every older version did, not the cpu profile's new default
+    assert load_config().scoring.verbalizer == "open"
     old.write_text(yaml.safe_dump({"finetune": {"length_norm": False}, "scoring": {"reduce": "mean"}}),
                    encoding="utf-8")
     assert load_config(old).scoring.reduce == "mean"  # an explicit new setting is kept

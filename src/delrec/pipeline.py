@@ -190,13 +190,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _migrate(merged: dict[str, Any]) -> dict[str, Any]:
     """Read run folders written by older versions: ``{distill,finetune,evaluate}.length_norm`` became the single
-    ``scoring.reduce`` (mean | sum); the evaluation's value is the one the old run's test metrics used."""
+    ``scoring.reduce`` (mean | sum; the evaluation's value is the one the old run's test metrics used), and those
+    versions listed the candidates (``scoring.verbalizer=title``) where the cpu profiles now use ``open``."""
     old = {sec: merged[sec].pop("length_norm") for sec in ("distill", "finetune", "evaluate")
            if isinstance(merged.get(sec), dict) and "length_norm" in merged[sec]}
-    if old and not (isinstance(merged.get("scoring"), dict) and "reduce" in merged["scoring"]):
-        value = old.get("evaluate", old.get("finetune", old.get("distill")))
-        merged = deep_merge(merged, {"scoring": {"reduce": "mean" if value else "sum"}})
-    return merged
+    if not old:
+        return merged
+    value = old.get("evaluate", old.get("finetune", old.get("distill")))
+    return deep_merge({"scoring": {"verbalizer": "title", "reduce": "mean" if value else "sum"}}, merged)
 
 
 def _propagate(cfg: RunConfig) -> RunConfig:
