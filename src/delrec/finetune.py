@@ -172,7 +172,8 @@ class FinetuneConfig:
 
 # The paper's stage-2 hyper-parameters (method spec §4.3; optimizer AdamW instead of PagedLion8bit).
 PAPER = FinetuneConfig()
-# ~15 minutes on 2 CPU cores with SmolLM2-135M and the cpu profile's open verbalizer (~1.9 s per example): plain
+# ~18 minutes on 2 CPU cores with SmolLM2-135M and the cpu profile's open verbalizer (1,060 s measured, validation
+# included; 1.9 s per training example in probe P11): plain
 # LoRA (AdaLoRA's zero-initialised E and early pruning barely move in 90 updates), every prefix of the training
 # sequences (seeded sample of 480), the first update at a non-zero lr. Chosen on validation rows only
 # (benchmarks/results/learning_log.md): lr 3e-3 (P5, valid NDCG@5 0.432 vs 0.385 at 1e-3); 5 training candidates (P7),
@@ -181,8 +182,8 @@ PAPER = FinetuneConfig()
 CPU = FinetuneConfig(adapter="lora", init_r=8, target_r=8, lr=3e-3, warmup_steps=5, max_steps=120, batch_size=1,
                      grad_accum=4, eval_every=60, patience=0, history_len=10, sliding_window=True,
                      max_train_examples=480, max_valid_examples=16, eval_batch_size=4, profile="cpu")
-# The benchmark's longer CPU budget (~60 minutes of stage 2): 4× the examples, validation on 64 users so the best
-# step is not picked by the noise of 16 (a 95% CI of about ±0.2 on HR@1).
+# The benchmark's longer CPU budget (~70 minutes of stage 2, estimated from `cpu`, not yet run): 4× the
+# examples, validation on 64 users so the best step is not picked by the noise of 16 (95% CI about ±0.2 on HR@1).
 # lr 3e-3 as `cpu` (1e-2 diverges to chance — learning_log P6).
 CPU_LONG = dataclasses.replace(CPU, max_steps=480, max_train_examples=1920, eval_every=120,
                                max_valid_examples=64, profile="cpu-long")

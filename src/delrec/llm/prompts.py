@@ -65,6 +65,7 @@ YearMode = Literal["keep", "unscored", "hidden"]
 YEAR_MODES: tuple[str, ...] = ("keep", "unscored", "hidden")
 EosMode = Literal["auto", "always", "never"]
 Reduce = Literal["mean", "sum"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 Verbalizer = Literal["title", "index", "open"]
 VERBALIZERS: tuple[str, ...] = ("title", "index", "open")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # index labels: " A" … " Z" are one token each in SmolLM2, Gemma 3, T5
@@ -107,8 +108,8 @@ class ScoringConfig:
             raise ConfigError(f"must be one of {', '.join(YEAR_MODES)}, got {self.year!r}", field="scoring.year")
         if self.eos not in ("auto", "always", "never"):
             raise ConfigError(f"must be auto, always or never, got {self.eos!r}", field="scoring.eos")
-        if self.reduce not in ("mean", "sum"):
-            raise ConfigError(f"must be mean or sum, got {self.reduce!r}", field="scoring.reduce")
+        if self.reduce not in REDUCTIONS:
+            raise ConfigError(f"must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}", field="scoring.reduce")
         if self.verbalizer not in VERBALIZERS:
             raise ConfigError(f"must be one of {', '.join(VERBALIZERS)}, got {self.verbalizer!r}",
                               field="scoring.verbalizer")

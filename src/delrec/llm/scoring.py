@@ -30,11 +30,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from delrec.llm.backbone import Backbone
-from delrec.llm.prompts import SOFT_PROMPT_SLOT, strip_slot
+from delrec.llm.prompts import REDUCTIONS, SOFT_PROMPT_SLOT, strip_slot
 from delrec.llm.soft_prompt import SoftPrompt
 
 SOFT_ID = -1  # placeholder id of a soft-prompt position inside prompt token lists
-REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 
 
 class TitleScorer:
