@@ -114,7 +114,8 @@ def main() -> None:
     t0 = time.perf_counter()
     backbone = finetune(backbone, ds, split, soft, teacher, cfg, work, scoring=scoring, resume=False)
     hist_file = read_json(work / "history.json")
-    seen = hist_file["steps"] * cfg.batch_size * cfg.grad_accum
+    # next-item predictions trained on (a packed window holds several); older histories lack the count
+    seen = hist_file.get("train_predictions") or hist_file["steps"] * cfg.batch_size * cfg.grad_accum
     out.update(train_s=round(time.perf_counter() - t0, 1), train_examples=seen,
                s_per_example=round(hist_file["seconds"] / max(seen, 1), 3),
                loss_first=hist_file["history"][0]["loss"], loss_last=hist_file["history"][-1]["loss"],

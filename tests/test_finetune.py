@@ -278,3 +278,30 @@ def test_cpu_long_profile_trains_longer_and_validates_on_more_users() -> None:
     assert long.finetune.max_valid_examples >= 64 > short.finetune.max_valid_examples
     assert long.distill.total_steps > short.distill.total_steps
     assert long.scoring == short.scoring and long.soft_prompt == short.soft_prompt
+
+
+def test_train_windows_predict_every_training_item_but_the_first_once() -> None:
+    from delrec.finetune import train_windows
+
+    _, split = _data()
+    cfg = FinetuneConfig.from_profile("cpu", objective="sequence", history_len=3, max_train_examples=0)
+    wins = train_windows(split, cfg)
+    assert all(2 <= len(w) <= 4 for w in wins)
+    # items 2.. of a window are predicted: together, every item of every training sequence but its first, once
+    predicted = sorted(int(x) for w in wins for x in w[1:])
+    assert predicted == sorted(int(x) for s in split.train_sequences for x in s[1:])
+    capped = train_windows(split, dataclasses.replace(cfg, max_train_examples=5))
+    assert len(capped) == 5 and all(any(np.array_equal(c, w) for w in wins) for c in capped)
+
+
+def test_sequence_objective_needs_the_next_verbalizer(tmp_path: Path) -> None:
+    from delrec.llm.prompts import ScoringConfig
+
+    ds, split = _data()
+    cfg = FinetuneConfig.from_profile("cpu", objective="sequence", max_steps=1)
+    with pytest.raises(ConfigError, match="verbalizer=next") as e:
+        finetune(tiny_backbone(), ds, split, None, "SASRec", cfg, tmp_path / "ft",
+                 scoring=ScoringConfig(verbalizer="open"))
+    assert e.value.field == "finetune.objective"
+    with pytest.raises(ConfigError):
+        FinetuneConfig.from_profile("cpu", objective="pairs")

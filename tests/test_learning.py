@@ -76,3 +76,31 @@ def test_stage1_soft_prompt_overfits_a_handful_of_ta_examples(tmp_path) -> None:
     after = _hr1(TitleScorer(bb, soft, append_eos=sc.append_eos(bb.kind)), prompts, titles, target)
     assert before < 0.5, before
     assert after >= 0.9, (before, after)
+
+
+def test_stage2_packed_sequence_objective_overfits_a_handful_of_users(tmp_path) -> None:
+    """objective=sequence trains on windows of items, never on candidate sets; it must still rank: the windows'
+    items scored against fixed candidates (the ``next`` verbalizer's prompts) reach HR@1 ≥ 0.9."""
+    from delrec.finetune import train_windows
+
+    ds = tiny_dataset(n_users=24, n_items=60, seed=3)
+    split = make_split(ds, "user", seed=0)
+    sc = ScoringConfig(verbalizer="next")
+    cfg = FinetuneConfig.from_profile("cpu", adapter="lora", target_r=8, lr=0.01, warmup_steps=0, max_steps=60,
+                                      batch_size=4, grad_accum=1, eval_every=60, patience=0, history_len=4,
+                                      max_train_examples=4, max_valid_examples=4, lora_dropout=0.0, seed=0,
+                                      objective="sequence")
+    windows = train_windows(split, cfg)
+    assert len(windows) == 4
+    from delrec.data.splits import Example
+
+    exs = [Example(0, w[:k], int(w[k])) for w in windows for k in range(1, len(w))]
+    cs = draw_candidates(exs, ds, 10, seed=99)
+    prompts, titles = lsr_inputs(ds, [e.history for e in exs], cs.items, "movie", "SASRec", 4,
+                                 verbalizer="next")
+    bb = tiny_backbone("llama", seed=0)
+    before = _hr1(sc.scorer(bb), prompts, titles, cs.target_pos)
+    bb = finetune(bb, ds, split, None, "SASRec", cfg, tmp_path / "ft", scoring=sc)
+    after = _hr1(sc.scorer(bb), prompts, titles, cs.target_pos)
+    assert before < 0.5, before
+    assert after >= 0.9, (before, after)

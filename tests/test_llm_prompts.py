@@ -128,3 +128,22 @@ def test_open_verbalizer_lists_no_candidates_and_scores_titles() -> None:
     rps = rps_prompt("movie", "SASRec", H, C, ["Q (4)"], verbalizer="open")
     assert all("X (2000)" not in p and "candidate set is" not in p for p in (ta, rps))
     assert ScoringConfig(verbalizer="open", eos="always").validate().append_eos("causal")
+
+
+# --- next verbalizer -----------------------------------------------------------------------------------------------
+def test_next_verbalizer_leaves_the_history_list_open_and_windows_render_the_same_head() -> None:
+    import numpy as np
+
+    from delrec.llm.prompts import ITEM_END, TitleViews, lsr_head, render_lsr, render_windows
+
+    views = TitleViews.of(["pad", *H, *C])
+    prompts, cands = render_lsr(views, "movie", "SASRec", [np.array([1, 2])], np.array([[4, 5, 3]]), None,
+                                verbalizer="next")
+    head = lsr_head("movie", "SASRec")
+    assert prompts[0] == head + f" {H[0]}{ITEM_END} {H[1]}{ITEM_END}"
+    assert "candidate set" not in prompts[0] and cands == [["X (2000)", "Y (2001)", "C (1992)"]]
+    heads, items = render_windows(views, "movie", "SASRec", [np.array([1, 2, 4])])
+    assert heads == [head] and items == [[H[0], H[1], "X (2000)"]]
+    assert render_windows(views, "movie", "SASRec", [np.array([1])], soft_prompt=False)[0][0] == strip_slot(head)
+    with pytest.raises(ConfigError, match=r"scoring\.year"):
+        render_windows(TitleViews.of(["pad", *H], "unscored"), "movie", "SASRec", [np.array([1, 2])])

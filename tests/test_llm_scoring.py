@@ -147,3 +147,43 @@ def test_index_verbalizer_scores_each_letter_at_the_answer_position(backbone):
         naive = scorer.score_naive(prompts, labels)
     torch.testing.assert_close(fast, naive, atol=2e-5, rtol=1e-5)
     assert float(fast.std()) > 1e-4
+
+
+# --- the `next` verbalizer's packed form ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_sequence_scores_equal_each_item_scored_as_the_next_candidate(kind: str, reduce: str) -> None:
+    """One pass over a window scores item k exactly as `score` scores it after the window's items before it."""
+    from delrec.llm.prompts import ScoringConfig, lsr_head
+
+    bb = tiny_backbone(kind)  # gemma3's sliding window (8) is shorter than these windows: the window mask matters
+    soft = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=3))
+    scorer = ScoringConfig(verbalizer="next", reduce=reduce).scorer(bb, soft)
+    rows = [TITLES[:6], TITLES[6:9], [TITLES[10], TITLES[2]]]  # unequal lengths: padding
+    heads = [lsr_head("movie", "SASRec")] * 3
+    packed = scorer.sequence_scores(heads, rows)
+    ref = torch.cat([scorer.score([lsr_prompt("movie", "SASRec", row[:k], [], verbalizer="next")], [[row[k]]])[0]
+                     for row in rows for k in range(1, len(row))])
+    assert packed.shape == (5 + 2 + 1,)
+    torch.testing.assert_close(packed.detach(), ref.detach(), atol=2e-5, rtol=1e-5)
+    assert float(ref.detach().std()) > 1e-3
+    packed.sum().backward()  # differentiable w.r.t. the soft prompt
+    assert soft.weight.grad is not None and float(soft.weight.grad.abs().sum()) > 0
+
+
+def test_next_verbalizer_ends_each_entry_and_candidate_with_the_separator() -> None:
+    from delrec.llm.prompts import ITEM_SEP, ScoringConfig
+
+    bb = tiny_backbone("llama")
+    scorer = ScoringConfig(verbalizer="next").scorer(bb)
+    sep = bb.tokenizer(ITEM_SEP, add_special_tokens=False)["input_ids"]
+    title = scorer.encode_title("Heat (1995)")
+    assert title[-len(sep):] == sep and bb.tokenizer.eos_token_id not in title
+    prompt = scorer.encode_prompt(lsr_prompt("movie", "SASRec", ["Heat (1995)", "Fargo (1996)"], [],
+                                             verbalizer="next"))
+    # the history is token for token what the two titles scored as candidates are
+    both = title + scorer.encode_title("Fargo (1996)")
+    assert prompt[-len(both):] == both
+    assert ScoringConfig(verbalizer="next", eos="never").scorer(bb).encode_title("Heat (1995)") == title[:-len(sep)]
+    with pytest.raises(ValueError, match="causal"):
+        ScoringConfig(verbalizer="next").scorer(tiny_backbone("t5")).sequence_scores(["x"], [["a", "b"]])

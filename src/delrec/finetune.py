@@ -56,6 +56,8 @@ if TYPE_CHECKING:
     from delrec.llm.soft_prompt import SoftPrompt
 
 AdapterKind = Literal["adalora", "lora", "none"]
+Objective = Literal["candidates", "sequence"]
+OBJECTIVES: tuple[str, ...] = ("candidates", "sequence")
 ADAPTERS: tuple[str, ...] = ("adalora", "lora", "none")
 METRICS: tuple[str, ...] = ("HR@1", "HR@5", "NDCG@5")
 ADAPTER_NAME = "default"  # peft's adapter name; AdaLoRA trains exactly one
@@ -93,6 +95,11 @@ class FinetuneConfig:
     max_train_examples: int = 0  # cap on training examples (seeded subsample); 0 = all
     max_valid_examples: int = 0  # cap on validation rows used for model selection (seeded subsample); 0 = all
     candidate_size: int = 20  # candidates per training example: target + size-1 unseen negatives (paper 20)
+    # candidates (paper): cross-entropy of the target over its candidate set, one next item per example;
+    # sequence: windows of history_len+1 consecutive training items, each item after the first scored as the next
+    # entry of the history before it in one pass (needs scoring.verbalizer=next; a causal LM) — history_len next-item
+    # examples for the price of about one.
+    objective: Objective = "candidates"
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
     profile: str = "paper"  # the preset these values started from (recorded only)
@@ -103,6 +110,8 @@ class FinetuneConfig:
 
         if self.adapter not in ADAPTERS:
             raise bad("adapter", f"must be one of {', '.join(ADAPTERS)}")
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", f"must be one of {', '.join(OBJECTIVES)}")
         for name in ("init_r", "target_r", "delta_t", "max_steps", "batch_size", "grad_accum", "eval_every",
                      "history_len", "candidate_size"):
             v = getattr(self, name)
@@ -290,6 +299,21 @@ def orthogonal_regularizer(model: nn.Module, adapter_name: str = ADAPTER_NAME) -
 
 
 # --- data --------------------------------------------------------------------------------------------------------
+def train_windows(split: Split, cfg: FinetuneConfig) -> list[np.ndarray]:
+    """``objective=sequence``: each training sequence cut from its end into windows of ``history_len + 1`` items
+    that overlap by one, so every item but a sequence's first is predicted once, from up to ``history_len`` items
+    before it (the most a prompt shows). Seeded cap ``max_train_examples`` (in windows)."""
+    h = cfg.history_len
+    out: list[np.ndarray] = []
+    for seq in split.train_sequences:
+        for end in range(len(seq), 1, -h):
+            out.append(seq[max(0, end - h - 1):end])
+    if cfg.max_train_examples and len(out) > cfg.max_train_examples:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(out), cfg.max_train_examples, replace=False))
+        out = [out[i] for i in keep]
+    return out
+
+
 def train_examples(split: Split, cfg: FinetuneConfig) -> list[Example]:
     """Training users' next-item examples (last item, or every prefix with sliding_window), seeded cap."""
     exs = split.examples("train", sliding=cfg.sliding_window)
@@ -341,7 +365,9 @@ class _Scoring(nn.Module):
         self.model = model
         self._scorer = (scorer,)
 
-    def forward(self, prompts: list[str], candidates: list[list[str]]) -> torch.Tensor:
+    def forward(self, prompts: list[str], candidates: list[list[str]], sequence: bool = False) -> torch.Tensor:
+        if sequence:  # candidates = each window's items; → [N] scores of items 2.. of every window
+            return self._scorer[0].sequence_scores(prompts, candidates)
         return self._scorer[0].score(prompts, candidates)  # [B, C]
 
 
@@ -464,11 +490,12 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     """
     from peft import get_peft_model
 
-    from delrec.llm.prompts import ScoringConfig
+    from delrec.llm.prompts import ScoringConfig, render_windows, title_views
 
     cfg.validate()
     scoring = scoring or ScoringConfig()
-    scoring.check_candidates(cfg.candidate_size, "finetune.candidate_size")
+    if cfg.objective == "candidates":
+        scoring.check_candidates(cfg.candidate_size, "finetune.candidate_size")
     out_dir = Path(out_dir)
     if cfg.adapter == "none":
         from accelerate import PartialState
@@ -485,7 +512,12 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     if cfg.batch_size % world:
         raise ConfigError(f"batch size {cfg.batch_size} must be a multiple of the {world} processes",
                           field="finetune.batch_size")
-    examples = train_examples(split, cfg)
+    sequence = cfg.objective == "sequence"
+    if sequence and (scoring.verbalizer != "next" or getattr(backbone, "kind", "causal") != "causal"):
+        raise ConfigError("objective=sequence needs scoring.verbalizer=next and a causal LM backbone, got "
+                          f"verbalizer {scoring.verbalizer!r} on a {getattr(backbone, 'kind', '?')} model",
+                          field="finetune.objective")
+    examples: list[Any] = train_windows(split, cfg) if sequence else train_examples(split, cfg)
     if len(examples) < cfg.batch_size:
         raise ConfigError(f"only {len(examples)} training examples, fewer than one batch of {cfg.batch_size}",
                           field="finetune.batch_size")
@@ -526,7 +558,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     }
     ckpt_dir = out_dir / "checkpoint"
     st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
-                          "history": [], "finished": False, "seconds": 0.0}
+                          "history": [], "finished": False, "seconds": 0.0, "predictions": 0}
     if resume and (ckpt_dir / "state.json").is_file():
         st = _load_checkpoint(ckpt_dir, fingerprint, model, optimizer, scheduler, rank)
     elif main:
@@ -566,25 +598,34 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     cands_epoch = -1
     stop = st["finished"]
     loss_sum, loss_n = 0.0, 0
+    seen = 0  # next-item predictions trained on since the last update (this process)
     micro = 0  # micro-batches accumulated into the next update; an update may span an epoch boundary
     while not stop and st["step"] < cfg.max_steps:
         sampler.epoch, sampler.start = st["epoch"], st["batch"]
-        if cands_epoch != st["epoch"]:
+        if cands_epoch != st["epoch"] and not sequence:
             cands = draw_candidates(examples, dataset, size=cfg.candidate_size,
                                     seed=_epoch_seed(cfg.seed, st["epoch"]))
             cands_epoch = st["epoch"]
-        assert cands is not None
-        target_pos = cands.target_pos
         for idx in loader:
             rows = idx.tolist()
-            prompts, titles = lsr_inputs(dataset, [examples[i].history for i in rows], cands.items[rows], domain,
-                                         teacher_name, cfg.history_len, soft_prompt=soft_prompt is not None,
-                                         year=scoring.year, verbalizer=scoring.verbalizer)
-            target = torch.as_tensor(target_pos[rows], device=accelerator.device)
             last = micro == cfg.grad_accum - 1
             with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():
-                scores = wrapped(prompts, titles)  # [b, C] whole-title log-likelihoods
-                loss = F.cross_entropy(scores.float(), target)
+                if sequence:  # mean negative log-likelihood of every item as the next entry
+                    prompts, items = render_windows(title_views(dataset, scoring.year), domain, teacher_name,
+                                                    [examples[i] for i in rows], soft_prompt=soft_prompt is not None)
+                    item_scores = wrapped(prompts, items, sequence=True)
+                    loss = -item_scores.mean()
+                    seen += item_scores.numel()
+                else:
+                    assert cands is not None
+                    prompts, titles = lsr_inputs(dataset, [examples[i].history for i in rows], cands.items[rows],
+                                                 domain, teacher_name, cfg.history_len,
+                                                 soft_prompt=soft_prompt is not None, year=scoring.year,
+                                                 verbalizer=scoring.verbalizer)
+                    target = torch.as_tensor(cands.target_pos[rows], device=accelerator.device)
+                    scores = wrapped(prompts, titles)  # [b, C] whole-title log-likelihoods
+                    loss = F.cross_entropy(scores.float(), target)
+                    seen += len(rows)
                 total = loss / cfg.grad_accum
                 if last and adalora and cfg.orth_reg_weight > 0:
                     total = total + cfg.orth_reg_weight * orthogonal_regularizer(model)
@@ -608,7 +649,11 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
             step_loss = float(accelerator.reduce(torch.tensor(loss_sum / loss_n, device=accelerator.device),
                                                  "mean"))
             loss_sum, loss_n = 0.0, 0
+            st["predictions"] = st.get("predictions", 0) + int(accelerator.reduce(
+                torch.tensor(seen, device=accelerator.device), "sum"))
+            seen = 0
             entry: dict[str, Any] = {"step": st["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                     "predictions": st["predictions"],
                                      "seconds": round(time.perf_counter() - t_start, 3)}
             at_end = st["step"] >= cfg.max_steps
             if valid is not None and (st["step"] % cfg.eval_every == 0 or at_end):
@@ -652,6 +697,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
             "config": cfg.to_dict(), "adapter": cfg.adapter, "processes": world, "n_train_examples": len(examples),
             "valid_candidates": None if valid is None else valid.hash(), "n_valid": 0 if valid is None else len(valid),
             "steps": st["step"], "best_step": st["best_step"], "best": st["best"],
+            "objective": cfg.objective, "train_predictions": st.get("predictions", 0),
             "stopped_early": bool(st["step"] < cfg.max_steps), "seconds": round(st["seconds"], 3),
             "seconds_per_step": round(st["seconds"] / steps_run, 4), "history": st["history"],
             "fingerprint": fingerprint,

@@ -24,6 +24,11 @@ import numpy as np
 from delrec.errors import ConfigError
 
 SOFT_PROMPT_SLOT = "<|soft_prompt|>"
+# Ends each history entry of the ``next`` verbalizer's prompt; the scorer tokenises the text between two markers on
+# its own and puts the item separator's tokens in place of each marker, so a history entry is token for token what
+# a candidate scored as the next entry is (no merge of a title's last character with the separator).
+ITEM_END = "<|item_end|>"
+ITEM_SEP = ","
 SLOT_PHRASE = "The recommendation pattern of the {teacher} model is:"
 
 
@@ -66,8 +71,9 @@ YEAR_MODES: tuple[str, ...] = ("keep", "unscored", "hidden")
 EosMode = Literal["auto", "always", "never"]
 Reduce = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
-Verbalizer = Literal["title", "index", "open"]
-VERBALIZERS: tuple[str, ...] = ("title", "index", "open")
+Verbalizer = Literal["title", "index", "open", "next"]
+VERBALIZERS: tuple[str, ...] = ("title", "index", "open", "next")
+UNLISTED: tuple[str, ...] = ("open", "next")  # verbalizers whose prompts do not list the candidates
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # index labels: " A" … " Z" are one token each in SmolLM2, Gemma 3, T5
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")  # MovieLens' trailing " (1995)"
 
@@ -85,7 +91,10 @@ class ScoringConfig:
     answer position (LlamaRec's verbalizer): one forward pass over the prompt and one vocabulary row per example,
     nothing averaged over title tokens. At most 26 candidates. ``open`` — scored as ``title``, but the prompt does not
     list the candidates: a title's score is the LM's own likelihood of it as the next item (no copying from a list,
-    ~200 fewer prompt tokens per stage-2 example).
+    ~200 fewer prompt tokens per stage-2 example). ``next`` — not listed either: the history is an open list
+    (" title," per entry) and a candidate is scored as its next entry, " title" then the separator "," (which
+    plays EOS's part for causal LMs). One forward pass over a user's window of items then scores every item as the
+    next entry after those before it (`TitleScorer.sequence_scores`): stage 2's ``objective=sequence``.
     ``eos``: score an end-of-sequence token after each title (never after an index letter). ``auto``: for seq2seq
     backbones (T5's ``</s>`` ends every target) but not causal ones (SmolLM2's EOS is a chat-turn token that never
     follows a list item).
@@ -118,13 +127,20 @@ class ScoringConfig:
     def append_eos(self, backbone_kind: str) -> bool:
         if self.verbalizer == "index":
             return False  # a letter is the whole answer
+        if self.verbalizer == "next" and backbone_kind == "causal":
+            return self.eos != "never"  # the list separator ends every entry
         return self.eos == "always" or (self.eos == "auto" and backbone_kind != "causal")
+
+    def end_text(self, backbone_kind: str) -> str | None:
+        """What ends a scored title instead of the EOS token: the list separator for ``next`` on a causal LM."""
+        return ITEM_SEP if self.verbalizer == "next" and backbone_kind == "causal" else None
 
     def scorer(self, backbone: Any, soft_prompt: Any = None, **kwargs: Any) -> Any:
         """The `TitleScorer` these settings describe (``kwargs``: its batch and memory knobs)."""
         from delrec.llm.scoring import TitleScorer
 
-        return TitleScorer(backbone, soft_prompt, self.reduce, append_eos=self.append_eos(backbone.kind), **kwargs)
+        return TitleScorer(backbone, soft_prompt, self.reduce, append_eos=self.append_eos(backbone.kind),
+                           end_text=self.end_text(backbone.kind), **kwargs)
 
     def check_candidates(self, size: int, field: str) -> None:
         """Refuse a candidate-set size the verbalizer cannot label (checked before any training)."""
@@ -170,8 +186,8 @@ def join_titles(titles: Sequence[str]) -> str:
 
 
 def candidate_sentence(titles: Sequence[str], verbalizer: str = "title") -> str:
-    """ "The candidate set is: …. " as the prompts print it; empty for the ``open`` verbalizer (nothing listed)."""
-    return "" if verbalizer == "open" else f"The candidate set is: {candidate_list(titles, verbalizer)}. "
+    """ "The candidate set is: …. " as the prompts print it; empty for ``open`` and ``next`` (nothing listed)."""
+    return "" if verbalizer in UNLISTED else f"The candidate set is: {candidate_list(titles, verbalizer)}. "
 
 
 def candidate_list(titles: Sequence[str], verbalizer: str = "title") -> str:
@@ -187,6 +203,11 @@ def candidate_list(titles: Sequence[str], verbalizer: str = "title") -> str:
 def candidate_labels(scored: Sequence[str], verbalizer: str = "title") -> list[str]:
     """What each candidate is scored on: its (scored) title, or its letter for the index verbalizer."""
     return list(LETTERS[:len(scored)]) if verbalizer == "index" else list(scored)
+
+
+def open_list(titles: Sequence[str]) -> str:
+    """History entries of the ``next`` verbalizer: " title<ITEM_END>" each (the scorer puts the separator in)."""
+    return "".join(f" {t.strip()}{ITEM_END}" for t in titles)
 
 
 def strip_slot(text: str) -> str:
@@ -237,14 +258,28 @@ def rps_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Se
 
 def lsr_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Sequence[str], *,
                soft_prompt: bool = True, verbalizer: str = "title") -> str:
-    """Stage-2 next-item prediction (§4.1). The answer (the user's next item) follows the returned text."""
+    """Stage-2 next-item prediction (§4.1). The answer (the user's next item) follows the returned text.
+
+    ``next``: the history is left as an open list and the answer is its next entry (`open_list`)."""
     w = domain_words(domain)
+    if verbalizer == "next":
+        return lsr_head(domain, teacher, soft_prompt=soft_prompt) + open_list(history)
     return (
         f"Refer to the recommendation pattern of the {teacher} model to predict the next {w.item} that the user "
         f"might {w.do} from candidate set based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
         f"The {w.history} history of the user is: {join_titles(history)}. "
         f"{candidate_sentence(candidates, verbalizer)}"
         f"The next {w.item} the user will {w.do} might be:"
+    )
+
+
+def lsr_head(domain: str, teacher: str, *, soft_prompt: bool = True) -> str:
+    """The ``next`` verbalizer's LSR prompt up to its (open) history list."""
+    w = domain_words(domain)
+    return (
+        f"Refer to the recommendation pattern of the {teacher} model to predict the next {w.item} that the user "
+        f"might {w.do} based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
+        f"The {w.history} history of the user, oldest first, is:"
     )
 
 
@@ -263,3 +298,16 @@ def render_lsr(views: TitleViews, domain: str, teacher: str, histories: Sequence
                                   soft_prompt=soft_prompt, verbalizer=verbalizer))
         cands.append(candidate_labels([views.scored[int(i)] for i in row], verbalizer))
     return prompts, cands
+
+
+def render_windows(views: TitleViews, domain: str, teacher: str, windows: Sequence[Sequence[int] | np.ndarray], *,
+                   soft_prompt: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Stage 2's packed form (``next`` verbalizer): windows of consecutive items → (LSR heads, the items' titles).
+
+    `TitleScorer.sequence_scores` scores item k of a window exactly as `render_lsr` would score it as a candidate
+    after the window's items before it."""
+    if views.shown != views.scored:
+        raise ConfigError("packed training needs titles shown as scored (scoring.year keep or hidden)",
+                          field="scoring.year")
+    head = lsr_head(domain, teacher, soft_prompt=soft_prompt)
+    return [head] * len(windows), [[views.scored[int(i)] for i in w] for w in windows]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from delrec.llm.backbone import Backbone
-from delrec.llm.prompts import REDUCTIONS, SOFT_PROMPT_SLOT, strip_slot
+from delrec.llm.prompts import ITEM_END, REDUCTIONS, SOFT_PROMPT_SLOT, strip_slot
 from delrec.llm.soft_prompt import SoftPrompt
 
 SOFT_ID = -1  # placeholder id of a soft-prompt position inside prompt token lists
@@ -43,11 +43,14 @@ class TitleScorer:
     log-probability).
     ``append_eos``: score the end-of-sequence token after each title too, so "Toy Story" is not favoured over
     "Toy Story 2" merely for being a prefix of it (and so generation knows where a title ends).
+    ``end_text``: with ``append_eos``, the text whose tokens end a title instead of EOS (the ``next``
+    verbalizer's list separator ","); it also replaces every `ITEM_END` marker of a prompt.
     ``batch_size``: examples per forward pass in `rank` (`score` runs what it is given as one batch).
     """
 
     def __init__(self, backbone: Backbone, soft_prompt: SoftPrompt | None, reduce: str = "mean", *,
-                 append_eos: bool = True, batch_size: int = 4, logit_chunk_mb: int = 64) -> None:
+                 append_eos: bool = True, end_text: str | None = None, batch_size: int = 4,
+                 logit_chunk_mb: int = 64) -> None:
         self.backbone = backbone
         self.soft_prompt = soft_prompt
         if soft_prompt is not None:
@@ -67,25 +70,38 @@ class TitleScorer:
             self._suffix = []  # the title continues the prompt directly
         self._pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
         self._eos_id = tok.eos_token_id
-        if append_eos and self._eos_id is None:
+        if append_eos and end_text is None and self._eos_id is None:
             raise ValueError("append_eos=True but the tokenizer has no eos token")
+        self._sep = tok(end_text or ",", add_special_tokens=False)["input_ids"]  # what replaces ITEM_END
+        self._end = list(self._sep) if end_text is not None else [] if self._eos_id is None else [int(self._eos_id)]
         self._title_cache: dict[str, list[int]] = {}
 
     # --- tokenization -------------------------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of ``text`` with `SOFT_ID` at the soft prompt positions (the marker is dropped if no prompt)."""
-        tok = self.backbone.tokenizer
         if self.soft_prompt is None:
             parts = [strip_slot(text)]
         else:
             parts = text.split(SOFT_PROMPT_SLOT)
             if len(parts) != 2:
                 raise ValueError(f"a prompt must contain the soft prompt slot exactly once, found {len(parts) - 1}")
-        ids = list(self._prefix) + tok(parts[0], add_special_tokens=False)["input_ids"]
+        ids = list(self._prefix) + self._encode_text(parts[0])
         if len(parts) == 2:
             ids += [SOFT_ID] * self.soft_prompt.num_tokens  # type: ignore[union-attr]
-            ids += tok(parts[1], add_special_tokens=False)["input_ids"]
+            ids += self._encode_text(parts[1])
         return ids + list(self._suffix)
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Tokens of prompt text; each `ITEM_END`-terminated piece alone, the marker → the separator's tokens."""
+        tok = self.backbone.tokenizer
+        pieces = text.split(ITEM_END)
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if piece:
+                ids += tok(piece, add_special_tokens=False)["input_ids"]
+            if k < len(pieces) - 1:
+                ids += self._sep
+        return ids
 
     def encode_title(self, title: str) -> list[int]:
         """The tokens a title is scored on: " title" after a causal prompt, "title" for a decoder (+ eos)."""
@@ -96,7 +112,7 @@ class TitleScorer:
                 text = " " + text
             ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
             if self.append_eos:
-                ids = [*ids, int(self._eos_id)]
+                ids = [*ids, *self._end]
             if not ids:
                 raise ValueError(f"title {title!r} has no tokens")
             self._title_cache[title] = ids
@@ -132,6 +148,49 @@ class TitleScorer:
             total = total.index_add(0, owner, rest.float())
         total = total.view(len(prompts), c)
         return total / lengths if self.reduce == "mean" else total
+
+    def sequence_scores(self, prompts: Sequence[str], items: Sequence[Sequence[str]], skip: int = 1
+                        ) -> torch.Tensor:
+        """Every item of each example scored as the next entry after the prompt and the items before it, in one
+        causal pass per batch (the ``next`` verbalizer's packed form) → [N] scores of items ``skip`` onward, example
+        by example. Item k's score equals `score` of ``prompt + open_list(items[:k])`` with candidate ``items[k]``.
+        """
+        if self.backbone.kind != "causal":
+            raise ValueError("sequence scoring needs a causal LM")
+        if len(prompts) != len(items) or not prompts:
+            raise ValueError(f"{len(prompts)} prompts but {len(items)} item lists")
+        dev = self.backbone.device
+        seqs: list[list[int]] = []
+        r_b, r_t, r_tgt, r_own, lengths = [], [], [], [], []
+        for b, (prompt, row) in enumerate(zip(prompts, items, strict=True)):
+            ids = self.encode_prompt(prompt)
+            for k, title in enumerate(row):
+                t = self.encode_title(title)
+                if k >= skip:  # token i of this item is predicted at the position before it
+                    r_b += [b] * len(t)
+                    r_t += list(range(len(ids) - 1, len(ids) - 1 + len(t)))
+                    r_tgt += t
+                    r_own += [len(lengths)] * len(t)
+                    lengths.append(len(t))
+                ids += t
+            seqs.append(ids)
+        if not lengths:
+            raise ValueError(f"no example has more than skip={skip} items")
+        T = max(len(x) for x in seqs)
+        ids_t = torch.full((len(seqs), T), self._pad_id, dtype=torch.long)
+        am = torch.zeros((len(seqs), T), dtype=torch.long)
+        for b, x in enumerate(seqs):
+            ids_t[b, :len(x)] = torch.tensor(x)
+            am[b, :len(x)] = 1
+        ids_t, am = ids_t.to(dev), am.to(dev)
+        body = self.backbone.base.base_model
+        hidden = body(inputs_embeds=self.embed_ids(ids_t), attention_mask=am, use_cache=False).last_hidden_state
+        rows = hidden[torch.tensor(r_b, device=dev), torch.tensor(r_t, device=dev)]
+        lp = self._token_logprobs(rows, torch.tensor(r_tgt, device=dev)).float()
+        total = lp.new_zeros(len(lengths)).index_add(0, torch.tensor(r_own, device=dev), lp)
+        if self.reduce == "mean":
+            total = total / torch.tensor(lengths, dtype=torch.float32, device=dev)
+        return total
 
     @torch.no_grad()
     def rank(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
