@@ -87,7 +87,7 @@ def test_stage2_packed_sequence_objective_overfits_a_handful_of_users(tmp_path) 
     split = make_split(ds, "user", seed=0)
     sc = ScoringConfig(verbalizer="next")
     cfg = FinetuneConfig.from_profile("cpu", adapter="lora", target_r=8, lr=0.01, warmup_steps=0, max_steps=60,
-                                      batch_size=4, grad_accum=1, eval_every=60, patience=0, history_len=4,
+                                      batch_size=4, grad_accum=1, eval_every=80, patience=0, history_len=4,
                                       max_train_examples=4, max_valid_examples=4, lora_dropout=0.0, seed=0,
                                       objective="sequence")
     windows = train_windows(split, cfg)
@@ -102,5 +102,41 @@ def test_stage2_packed_sequence_objective_overfits_a_handful_of_users(tmp_path) 
     before = _hr1(sc.scorer(bb), prompts, titles, cs.target_pos)
     bb = finetune(bb, ds, split, None, "SASRec", cfg, tmp_path / "ft", scoring=sc)
     after = _hr1(sc.scorer(bb), prompts, titles, cs.target_pos)
+    assert before < 0.5, before
+    assert after >= 0.9, (before, after)
+
+
+def test_stage1_packed_rps_soft_prompt_learns_the_teachers_continuation(tmp_path) -> None:
+    """rps_form=sequence: the soft prompt alone (frozen LM) learns to continue every user's list with the teacher's
+    roll-out; ranked as the next entry after the history in the RPS prompt, the roll-out's first item wins."""
+    from delrec.llm.prompts import open_list, rps_head
+
+    ds = tiny_dataset(n_users=24, n_items=60, seed=3)
+    split = make_split(ds, "user", seed=0)
+    sc = ScoringConfig(verbalizer="next")
+    n = len(split.train_users)
+    rollouts = np.tile(np.array([[7, 21]], dtype=np.int64), (n, 1))  # a "teacher" with one favourite path
+    cfg = DistillConfig(tasks=["rps"], rps_form="sequence", teacher_k=2, lr=0.1, warmup_steps=0, total_steps=80,
+                        batch_size=8, micro_batch_size=8, eval_every=80, patience=0, history_len=4,
+                        train_examples=8, eval_examples=4, seed=0)
+    bb = tiny_backbone("llama", seed=0)
+    soft = distill(bb, ds, split, rollouts, "SASRec", cfg, tmp_path / "distill",
+                   soft_prompt_cfg=SoftPromptConfig(num_tokens=32), progress=False, scoring=sc)
+    from delrec.llm.soft_prompt import SoftPrompt
+
+    rng = np.random.default_rng(5)
+    from delrec.distill import _cap, build_rps_rollouts
+
+    # the 8 examples distill() trained on (its cap), each ranked against 9 items outside history and roll-out
+    hists = [items[:skip] for items, skip in _cap(build_rps_rollouts(split, rollouts, 4), 8, cfg.seed)]
+    rows = [[7, *rng.choice(sorted(set(range(1, 61)) - {7, 21} - set(h.tolist())), 9, replace=False)]
+            for h in hists]
+    t = ds.titles
+    prompts = [rps_head("movie", "SASRec") + open_list([t[int(i)] for i in h]) for h in hists]
+    titles = [[t[int(i)] for i in row] for row in rows]
+    target = np.zeros(len(rows), dtype=np.int64)
+    untrained = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=32))
+    before = _hr1(sc.scorer(bb, untrained), prompts, titles, target)
+    after = _hr1(sc.scorer(bb, soft), prompts, titles, target)
     assert before < 0.5, before
     assert after >= 0.9, (before, after)

@@ -249,6 +249,24 @@ def test_predict_topk_keeps_row_order_and_excludes_history() -> None:
         predict_topk(net, hists, k=0)
 
 
+def test_predict_rollout_is_the_greedy_continuation_without_repeats() -> None:
+    from delrec.teachers import predict_rollout
+
+    torch.manual_seed(0)
+    net = build_teacher(cfg("sasrec"), 60).eval()
+    rng = np.random.default_rng(1)
+    hists = [rng.choice(np.arange(1, 61), size=int(rng.integers(1, 25)), replace=False) for _ in range(9)]
+    roll = predict_rollout(net, hists, steps=6, batch_size=4)
+    assert roll.shape == (9, 6)
+    assert np.array_equal(roll[:, 0], predict_topk(net, hists, k=1)[:, 0])
+    for h, r in zip(hists, roll, strict=True):
+        assert len(set(r.tolist())) == 6 and not set(r.tolist()) & set(h.tolist())
+        # step j is the top-1 for the history extended by steps < j
+        assert predict_topk(net, [np.concatenate([h, r[:3]])], k=1)[0, 0] == r[3]
+    with pytest.raises(ConfigError):
+        predict_rollout(net, hists, steps=0)
+
+
 def test_score_candidates_and_full_ranks_agree_with_logits() -> None:
     torch.manual_seed(1)
     net = build_teacher(cfg("gru4rec"), 30).eval()

@@ -41,6 +41,7 @@ from delrec.llm.prompts import (
     ScoringConfig,
     candidate_labels,
     domain_words,
+    rps_head,
     rps_prompt,
     ta_prompt,
     title_views,
@@ -80,7 +81,12 @@ class DistillConfig:
     select_metric: str = field(default="NDCG@5", metadata={"help": "HR@1 | HR@5 | NDCG@5 used to keep the best"})
     history_len: int = field(default=10, metadata={"help": "most recent N titles shown in a prompt's history"})
     candidate_size: int = field(default=20, metadata={"help": "candidates per example (target included)"})
-    teacher_k: int = field(default=10, metadata={"help": "teacher top-k used by RPS (top-1 = target)"})
+    teacher_k: int = field(default=10, metadata={
+        "help": "teacher top-k used by RPS (top-1 = target); with rps_form=sequence, the roll-out's length"})
+    rps_form: str = field(default="candidates", metadata={
+        "help": "candidates (paper: the teacher's top-1 among its top-k + random items) | sequence (the history, "
+                "then the teacher's greedy teacher_k-step roll-out, each step scored as the next entry in one pass; "
+                "needs scoring.verbalizer=next)"})
     seed: int = field(default=1234, metadata={"help": "seed of example building, data order and init"})
     train_examples: int | None = field(default=None, metadata={"help": "cap on examples per task (None: all)"})
     eval_examples: int | None = field(default=200, metadata={"help": "cap on validation users (None: all)"})
@@ -90,6 +96,8 @@ class DistillConfig:
         def bad(name: str, msg: str) -> ConfigError:
             return ConfigError(msg, field=f"distill.{name}")
 
+        if self.rps_form not in ("candidates", "sequence"):
+            raise bad("rps_form", f"must be candidates or sequence, got {self.rps_form!r}")
         if not self.tasks or any(t not in TASKS for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
             raise bad("tasks", f"must be a non-empty subset of {list(TASKS)}, got {self.tasks!r}")
         if self.weighting not in ("dynamic", "fixed"):
@@ -119,7 +127,7 @@ class DistillConfig:
             raise bad("select_metric", f"must be HR@1, HR@5 or NDCG@5, got {self.select_metric!r}")
         if not isinstance(self.candidate_size, int) or self.candidate_size < 2:
             raise bad("candidate_size", f"must be an integer >= 2, got {self.candidate_size!r}")
-        if "rps" in self.tasks and self.teacher_k > self.candidate_size:
+        if "rps" in self.tasks and self.rps_form == "candidates" and self.teacher_k > self.candidate_size:
             raise bad("teacher_k", f"teacher top-{self.teacher_k} cannot fit {self.candidate_size} candidates")
         for name in ("train_examples", "eval_examples"):
             v = getattr(self, name)
@@ -234,8 +242,35 @@ def build_rps_examples(split: Split, dataset: SeqDataset, teacher_topk: np.ndarr
     return out
 
 
+def build_rps_rollouts(split: Split, rollouts: np.ndarray, history_len: int) -> list[tuple[np.ndarray, int]]:
+    """Packed RPS (``rps_form=sequence``): per training user, the last ``history_len`` items then the teacher's
+    roll-out ``rollouts[i]`` → (items, how many of them are history and not scored)."""
+    roll = np.asarray(rollouts)
+    seqs = split.train_sequences
+    if roll.ndim != 2 or roll.shape[0] != len(seqs):
+        raise DataError(f"teacher roll-outs must be [{len(seqs)} training users, k], got {roll.shape}",
+                        field="teacher_topk")
+    out = []
+    for seq, r in zip(seqs, roll, strict=True):
+        hist = seq[-history_len:]
+        out.append((np.concatenate([hist, r]).astype(np.int64), len(hist)))
+    return out
+
+
 # --- rendering examples into (prompt, candidate titles, target column) ------------------------------------------
+# Candidate tasks: (prompts, candidate titles, target column); sequence tasks: (heads, item titles, skips).
 Rendered = tuple[list[str], list[list[str]], np.ndarray]
+
+
+def render_rps_rollouts(examples: Sequence[tuple[np.ndarray, int]], dataset: SeqDataset, teacher: str,
+                        domain: str | None = None, soft_prompt: bool = True, year: str = "keep") -> Rendered:
+    v = title_views(dataset, year)
+    if v.shown != v.scored:
+        raise ConfigError("packed RPS needs titles shown as scored (scoring.year keep or hidden)",
+                          field="scoring.year")
+    head = rps_head(domain or dataset.domain, teacher, soft_prompt=soft_prompt)
+    return ([head] * len(examples), [[v.scored[int(i)] for i in items] for items, _ in examples],
+            np.array([skip for _, skip in examples], dtype=np.int64))
 
 
 def render_ta(examples: Sequence[TAExample], dataset: SeqDataset, teacher: str, history_len: int,
@@ -337,7 +372,8 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
             progress: bool = True, scoring: ScoringConfig | None = None) -> SoftPrompt:
     """Train a soft prompt on the frozen ``backbone`` with TA/RPS; return the best one (also in out_dir/soft_prompt).
 
-    ``teacher_topk[i]``: the teacher's top-k for ``split.train_sequences[i]`` (history items excluded).
+    ``teacher_topk[i]``: the teacher's top-k for ``split.train_sequences[i]`` (history items excluded); with
+    ``rps_form=sequence`` its greedy roll-out (`delrec.teachers.predict_rollout`).
     ``valid_candidates``: frozen candidate rows for ``split.examples("valid")`` (drawn with cfg.seed if None).
     Resumes from ``out_dir/checkpoint`` when present (same config except max_steps/patience). Writes
     ``history.json`` (per-step losses and task weights, evaluations) and ``distill_summary.json``.
@@ -348,6 +384,10 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
     scoring = scoring or ScoringConfig()
     year, verb = scoring.year, scoring.verbalizer
     scoring.check_candidates(cfg.candidate_size, "distill.candidate_size")
+    packed_rps = "rps" in cfg.tasks and cfg.rps_form == "sequence"
+    if packed_rps and (verb != "next" or backbone.kind != "causal"):
+        raise ConfigError("rps_form=sequence needs scoring.verbalizer=next and a causal LM backbone, got "
+                          f"verbalizer {verb!r} on a {backbone.kind} model", field="distill.rps_form")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sp_cfg = dataclasses.replace(soft_prompt_cfg or SoftPromptConfig(), teacher=teacher_name)
@@ -362,7 +402,11 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
         ex_ta = _cap(build_ta_examples(split, dataset, cfg.candidate_size, np.random.default_rng([cfg.seed, 1])),
                      cfg.train_examples, cfg.seed)
         tasks["ta"] = render_ta(ex_ta, dataset, teacher_name, cfg.history_len, domain, year=year, verbalizer=verb)
-    if "rps" in cfg.tasks:
+    if packed_rps:
+        tasks["rps"] = render_rps_rollouts(_cap(build_rps_rollouts(split, teacher_topk[:, :cfg.teacher_k],
+                                                                   cfg.history_len), cfg.train_examples, cfg.seed),
+                                           dataset, teacher_name, domain, year=year)
+    elif "rps" in cfg.tasks:
         ex_rps = _cap(build_rps_examples(split, dataset, teacher_topk, cfg.candidate_size,
                                          np.random.default_rng([cfg.seed, 2]), k=cfg.teacher_k),
                       cfg.train_examples, cfg.seed)
@@ -400,7 +444,8 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
             losses, grads = {}, {}
             for name, data in tasks.items():
                 rows = _batch_rows(len(data[0]), cfg.batch_size, step, cfg.seed, name)
-                losses[name], grads[name] = _task_grad(scorer, data, rows, cfg.micro_batch_size)
+                task_grad = _sequence_grad if name == "rps" and packed_rps else _task_grad
+                losses[name], grads[name] = task_grad(scorer, data, rows, cfg.micro_batch_size)
             names = list(tasks)
             if len(names) == 1:
                 w = torch.ones(1)
@@ -494,6 +539,25 @@ def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int
         scores = scorer.score([prompts[i] for i in r], [cands[i] for i in r])  # [m, C]
         y = torch.as_tensor(target[r], device=scores.device)
         loss = F.cross_entropy(scores, y, reduction="sum") / len(rows)
+        (g,) = torch.autograd.grad(loss, [weight])
+        grad += g
+        total += float(loss.detach())
+    return total, grad
+
+
+def _sequence_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int
+                   ) -> tuple[float, torch.Tensor]:
+    """Packed task: mean negative log-likelihood of every scored item of ``rows`` as the next list entry, and its
+    gradient w.r.t. the soft prompt (accumulated over micro-batches)."""
+    heads, items, skips = data
+    weight = scorer.soft_prompt.weight  # type: ignore[union-attr]
+    grad = torch.zeros_like(weight)
+    n = sum(len(items[i]) - int(skips[i]) for i in rows)
+    total = 0.0
+    for s in range(0, len(rows), micro):
+        r = rows[s:s + micro]
+        scores = scorer.sequence_scores([heads[i] for i in r], [items[i] for i in r], [int(skips[i]) for i in r])
+        loss = -scores.sum() / n
         (g,) = torch.autograd.grad(loss, [weight])
         grad += g
         total += float(loss.detach())

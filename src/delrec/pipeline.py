@@ -490,9 +490,10 @@ def popularity_stage(run: Run) -> dict[str, Any]:
 
 
 def export_teacher_topk(run: Run, name: str, k: int | None = None, part: str = "train",
-                        dest: Path | None = None) -> Path:
-    """The teacher's top-k for each prefix of ``part`` (train: each full training sequence), rows aligned."""
-    from delrec.teachers import SeqRecommender, export_topk, predict_topk
+                        dest: Path | None = None, rollout: bool = False) -> Path:
+    """The teacher's top-k for each prefix of ``part`` (train: each full training sequence), rows aligned; with
+    ``rollout`` its greedy k-step continuation instead (`predict_rollout`, stage 1's packed RPS)."""
+    from delrec.teachers import SeqRecommender, export_topk, predict_rollout, predict_topk
 
     k = k or run.cfg.teachers.top_k
     model_dir = run.dir / "teachers" / name / "model"
@@ -507,6 +508,10 @@ def export_teacher_topk(run: Run, name: str, k: int | None = None, part: str = "
         users, histories = np.array([e.user for e in examples]), [e.history for e in examples]
     else:
         raise ConfigError(f"must be train, valid or test, got {part!r}", field="--part")
+    if rollout:
+        topk = predict_rollout(model, histories, steps=k)
+        return export_topk(dest or run.dir / "teachers" / name / f"rollout{k}_{part}.parquet", run.dataset, users,
+                           topk)
     topk = predict_topk(model, histories, k=k, exclude_history=True)
     return export_topk(dest or run.dir / "teachers" / name / f"topk_{part}.parquet", run.dataset, users, topk)
 
@@ -538,9 +543,15 @@ def distill_stage(run: Run, backbone: Any, log: Callable[..., None] | None = Non
     if run.done("distill") and (out / "soft_prompt").is_dir():
         return SoftPrompt.from_pretrained(out / "soft_prompt", device=backbone.device)
     teacher = cfg.teachers.distill_from
-    topk_file = run.dir / "teachers" / teacher / "topk_train.parquet"
-    if not topk_file.is_file():
-        export_teacher_topk(run, teacher, part="train")
+    if cfg.distill.rps_form == "sequence":  # packed RPS: the teacher's greedy roll-out, not its top-k
+        k = cfg.distill.teacher_k
+        topk_file = run.dir / "teachers" / teacher / f"rollout{k}_train.parquet"
+        if not topk_file.is_file():
+            export_teacher_topk(run, teacher, k=k, part="train", rollout=True)
+    else:
+        topk_file = run.dir / "teachers" / teacher / "topk_train.parquet"
+        if not topk_file.is_file():
+            export_teacher_topk(run, teacher, part="train")
     t0 = time.perf_counter()
     soft = distill(backbone, run.dataset, run.split, _load_topk(topk_file), TEACHER_NAMES[teacher], cfg.distill,
                    out, valid_candidates=run.candidates("valid"), soft_prompt_cfg=cfg.soft_prompt, log=log,

@@ -273,6 +273,18 @@ def lsr_prompt(domain: str, teacher: str, history: Sequence[str], candidates: Se
     )
 
 
+def rps_head(domain: str, teacher: str, *, soft_prompt: bool = True) -> str:
+    """RPS in the ``next`` verbalizer's packed form, up to its open list: the user's history, then the teacher's
+    greedy continuation of it, entry after entry (`delrec.teachers.predict_rollout`)."""
+    w = domain_words(domain)
+    return (
+        f"Simulate the recommendation pattern of the {teacher} model to predict next {w.items} that the user might "
+        f"{w.do} based on user's {w.history} history. {_slot(teacher, soft_prompt)}. "
+        f"The {w.history} history of the user, oldest first, then the next {w.items} the {teacher} model "
+        f"predicts, is:"
+    )
+
+
 def lsr_head(domain: str, teacher: str, *, soft_prompt: bool = True) -> str:
     """The ``next`` verbalizer's LSR prompt up to its (open) history list."""
     w = domain_words(domain)

@@ -149,16 +149,18 @@ class TitleScorer:
         total = total.view(len(prompts), c)
         return total / lengths if self.reduce == "mean" else total
 
-    def sequence_scores(self, prompts: Sequence[str], items: Sequence[Sequence[str]], skip: int = 1
-                        ) -> torch.Tensor:
+    def sequence_scores(self, prompts: Sequence[str], items: Sequence[Sequence[str]],
+                        skip: int | Sequence[int] = 1) -> torch.Tensor:
         """Every item of each example scored as the next entry after the prompt and the items before it, in one
-        causal pass per batch (the ``next`` verbalizer's packed form) → [N] scores of items ``skip`` onward, example
-        by example. Item k's score equals `score` of ``prompt + open_list(items[:k])`` with candidate ``items[k]``.
+        causal pass per batch (the ``next`` verbalizer's packed form) → [N] scores of items ``skip`` onward (one
+        number, or one per example), example by example. Item k's score equals `score` of
+        ``prompt + open_list(items[:k])`` with candidate ``items[k]``.
         """
+        skips = [skip] * len(items) if isinstance(skip, int) else [int(x) for x in skip]
         if self.backbone.kind != "causal":
             raise ValueError("sequence scoring needs a causal LM")
-        if len(prompts) != len(items) or not prompts:
-            raise ValueError(f"{len(prompts)} prompts but {len(items)} item lists")
+        if len(prompts) != len(items) or len(skips) != len(items) or not prompts:
+            raise ValueError(f"{len(prompts)} prompts, {len(items)} item lists, {len(skips)} skips")
         dev = self.backbone.device
         seqs: list[list[int]] = []
         r_b, r_t, r_tgt, r_own, lengths = [], [], [], [], []
@@ -166,7 +168,7 @@ class TitleScorer:
             ids = self.encode_prompt(prompt)
             for k, title in enumerate(row):
                 t = self.encode_title(title)
-                if k >= skip:  # token i of this item is predicted at the position before it
+                if k >= skips[b]:  # token i of this item is predicted at the position before it
                     r_b += [b] * len(t)
                     r_t += list(range(len(ids) - 1, len(ids) - 1 + len(t)))
                     r_tgt += t
@@ -175,7 +177,7 @@ class TitleScorer:
                 ids += t
             seqs.append(ids)
         if not lengths:
-            raise ValueError(f"no example has more than skip={skip} items")
+            raise ValueError(f"no example has an item past its skip ({skip})")
         T = max(len(x) for x in seqs)
         ids_t = torch.full((len(seqs), T), self._pad_id, dtype=torch.long)
         am = torch.zeros((len(seqs), T), dtype=torch.long)

@@ -161,6 +161,21 @@ def predict_topk(model: SeqRecommender, histories: Sequence[np.ndarray], k: int 
     return out
 
 
+def predict_rollout(model: SeqRecommender, histories: Sequence[np.ndarray], steps: int = 10,
+                    batch_size: int = 1024) -> np.ndarray:
+    """``[N, steps]`` greedy continuation of each history: the teacher's top-1, appended, then its top-1 for the
+    longer history, and so on; never an item already in the history or picked before. Column 0 is `predict_topk`'s
+    top-1. Stage 1's packed RPS task teaches the soft prompt to continue a user's list this way."""
+    if steps < 1:
+        raise ConfigError(f"a roll-out needs at least one step, got {steps}", field="distill.teacher_k")
+    hist = [np.asarray(h, dtype=np.int64) for h in histories]
+    out = np.zeros((len(hist), steps), dtype=np.int64)
+    for j in range(steps):
+        out[:, j] = predict_topk(model, [np.concatenate([h, out[i, :j]]) for i, h in enumerate(hist)], k=1,
+                                 batch_size=batch_size)[:, 0]
+    return out
+
+
 def score_candidates(model: SeqRecommender, histories: Sequence[np.ndarray], candidates: np.ndarray,
                      batch_size: int = 1024) -> np.ndarray:
     """``[N, C]`` scores of ``candidates[N, C]`` (item indices) given ``histories[i]``."""
