@@ -108,6 +108,8 @@ def _stage2_examples(run: Path) -> int | None:
     cfg = h["config"]
     if cfg.get("adapter") == "none":
         return 0
+    if h.get("train_predictions"):  # next-item predictions (a packed window holds several)
+        return int(h["train_predictions"])
     return int(h["steps"]) * int(cfg["batch_size"]) * int(cfg["grad_accum"]) * int(h.get("processes", 1))
 
 
@@ -165,8 +167,9 @@ def curve(run: Path, name: str) -> list[dict[str, Any]]:
     h = read_json(path)
     cfg = h["config"]
     per_step = int(cfg["batch_size"]) * int(cfg["grad_accum"]) * int(h.get("processes", 1))
-    return [{"model": name, "examples": int(e["step"]) * per_step, "n_valid": h.get("n_valid"), **e["valid"]}
-            for e in h["history"] if "valid" in e]
+    # entries of newer runs count next-item predictions (a packed window holds several)
+    return [{"model": name, "examples": int(e.get("predictions") or int(e["step"]) * per_step),
+             "n_valid": h.get("n_valid"), **e["valid"]} for e in h["history"] if "valid" in e]
 
 
 def table(result: dict[str, Any]) -> list[str]:
@@ -226,12 +229,14 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--base", type=Path, default=None, help="an existing base run folder for this part")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a finished run whose identical stages (data, teachers…) the base run copies")
     args = ap.parse_args()
     args.runs.mkdir(parents=True, exist_ok=True)
     log = args.runs / "quality.log"
     group, dataset, base_over, variants = PARTS[args.part]
     base = (args.base or args.runs / group).resolve()
-    wall = {"base": delrec_run(base, base_over, None, log)}
+    wall = {"base": delrec_run(base, base_over, args.reuse, log)}
     rows = rows_of(base, args.part, ["popularity", *TEACHERS, "DELRec"])
     runs = {"DELRec": base}
     for v in variants:

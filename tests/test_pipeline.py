@@ -205,7 +205,18 @@ def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) ->
     cfg = load_config(old)
     assert cfg.scoring.reduce == "sum" and cfg.evaluate.batch_size == 2  # the test metrics' setting wins
     assert cfg.scoring.verbalizer == "title"  # what every older version did, not the cpu profile's new default
-    assert load_config().scoring.verbalizer == "open"
+    assert load_config().scoring.verbalizer == "next"
+    # a resolved config of the version before the packed forms: its open verbalizer trains as it did
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump({"scoring": {"verbalizer": "open"}, "finetune": {"profile": "cpu", "lr": 3e-3},
+                                        "distill": {"fixed_weights": [0.5, 0.5]}}), encoding="utf-8")
+    cfg = load_config(resolved)
+    assert (cfg.finetune.objective, cfg.distill.rps_form) == ("candidates", "candidates")
+    from delrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="verbalizer=next") as e:  # a hand-written one is told what to change
+        load_config(overrides=["scoring.verbalizer=open"])
+    assert e.value.field == "finetune.objective"
     old.write_text(yaml.safe_dump({"finetune": {"length_norm": False}, "scoring": {"reduce": "mean"}}),
                    encoding="utf-8")
     assert load_config(old).scoring.reduce == "mean"  # an explicit new setting is kept

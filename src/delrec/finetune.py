@@ -181,21 +181,19 @@ class FinetuneConfig:
 
 # The paper's stage-2 hyper-parameters (method spec §4.3; optimizer AdamW instead of PagedLion8bit).
 PAPER = FinetuneConfig()
-# ~18 minutes on 2 CPU cores with SmolLM2-135M and the cpu profile's open verbalizer (1,060 s measured, validation
-# included; 1.9 s per training example in probe P11): plain
-# LoRA (AdaLoRA's zero-initialised E and early pruning barely move in 90 updates), every prefix of the training
-# sequences (seeded sample of 480), the first update at a non-zero lr. Chosen on validation rows only
-# (benchmarks/results/learning_log.md): lr 3e-3 (P5, valid NDCG@5 0.432 vs 0.385 at 1e-3); 5 training candidates (P7),
-# LoRA on every linear layer (P8) and summed title log-likelihoods (P9) learned less; summed with the open verbalizer
-# (P11) the same as mean (0.435 vs 0.439) but from a worse start (0.331 vs 0.393 before training).
-CPU = FinetuneConfig(adapter="lora", init_r=8, target_r=8, lr=3e-3, warmup_steps=5, max_steps=120, batch_size=1,
-                     grad_accum=4, eval_every=60, patience=0, history_len=10, sliding_window=True,
-                     max_train_examples=480, max_valid_examples=16, eval_batch_size=4, profile="cpu")
-# The benchmark's longer CPU budget (~70 minutes of stage 2, estimated from `cpu`, not yet run): 4× the
-# examples, validation on 64 users so the best step is not picked by the noise of 16 (95% CI about ±0.2 on HR@1).
-# lr 3e-3 as `cpu` (1e-2 diverges to chance — learning_log P6).
-CPU_LONG = dataclasses.replace(CPU, max_steps=480, max_train_examples=1920, eval_every=120,
-                               max_valid_examples=64, profile="cpu-long")
+# ~15 minutes of stage 2 on 2 CPU cores with SmolLM2-135M: the `next` verbalizer's packed windows
+# (objective=sequence): 400 updates of 4 windows of 11 consecutive training items, ~15,000 next-item predictions at
+# ~0.055 s each, where one listed-candidate example costs ~1.9 s (learning_log P13 vs P11). Plain LoRA (AdaLoRA's
+# zero-initialised E and early pruning barely move in a few hundred updates), the first update at a non-zero lr.
+# Chosen on validation rows only (benchmarks/results/learning_log.md): lr 3e-3 (P5, valid NDCG@5 0.432 vs 0.385 at
+# 1e-3); with the open and listed verbalizers 5 training candidates (P7), LoRA on every linear layer (P8) and
+# summed title log-likelihoods (P9) learned less; the packed objective reached 0.491 after 100 updates (P13).
+CPU = FinetuneConfig(adapter="lora", init_r=8, target_r=8, lr=3e-3, warmup_steps=10, max_steps=400, batch_size=4,
+                     grad_accum=1, eval_every=200, patience=0, history_len=10, objective="sequence",
+                     max_train_examples=0, max_valid_examples=16, eval_batch_size=4, profile="cpu")
+# The benchmark's longer CPU budget (≤ 2 hours in all): 4× the updates (~1 epoch of the ML-100K user split's
+# windows), validation on 64 users so the best step is not picked by the noise of 16 (95% CI about ±0.2 on HR@1).
+CPU_LONG = dataclasses.replace(CPU, max_steps=1600, eval_every=400, max_valid_examples=64, profile="cpu-long")
 PROFILES: dict[str, FinetuneConfig] = {"paper": PAPER, "cpu": CPU, "cpu-long": CPU_LONG}
 
 

@@ -125,12 +125,24 @@ class RunConfig:
         for where, size in (("candidates.size", self.candidates.size), ("distill.candidate_size",
                             self.distill.candidate_size), ("finetune.candidate_size", self.finetune.candidate_size)):
             self.scoring.check_candidates(size, where)
+        # The packed forms score each item as the next entry of an open list: checked here, before any training.
+        packed = [("finetune.objective", self.finetune.objective == "sequence" and self.finetune.adapter != "none"),
+                  ("distill.rps_form", self.distill.rps_form == "sequence" and "rps" in self.distill.tasks
+                   and self.soft_prompt.num_tokens > 0)]
+        for where, on in packed:
+            if on and self.scoring.verbalizer != "next":
+                raise ConfigError(f"the packed form needs scoring.verbalizer=next, got {self.scoring.verbalizer!r}",
+                                  field=where)
+            if on and self.scoring.year == "unscored":
+                raise ConfigError("the packed form needs titles shown as scored (scoring.year keep or hidden)",
+                                  field=where)
 
 
-# Stage 1 on 2 CPU cores with SmolLM2-135M: one step (4 TA + 4 RPS examples, two backward passes for the dynamic
-# weights) takes ~40 s, so 16 steps ≈ 11 minutes (the paper: 800 steps of 20 examples per task on a GPU).
+# Stage 1 on 2 CPU cores with SmolLM2-135M: one step = 4 TA examples + 4 packed RPS windows (each user's last 10
+# items, then the teacher's 10-step greedy roll-out: 40 teacher predictions), two backward passes for the dynamic
+# weights (the paper: 800 steps of 20 examples per task on a GPU).
 CPU_DISTILL = DistillConfig(lr=5e-3, warmup_steps=2, total_steps=16, batch_size=4, micro_batch_size=4,
-                            eval_every=8, patience=0, history_len=10, eval_examples=16)
+                            eval_every=8, patience=0, history_len=10, eval_examples=16, rps_form="sequence")
 
 
 def profile(name: str) -> RunConfig:
@@ -139,11 +151,12 @@ def profile(name: str) -> RunConfig:
     if name in ("cpu", "cpu-long"):
         distill = CPU_DISTILL if name == "cpu" else dataclasses.replace(CPU_DISTILL, total_steps=32, eval_every=16,
                                                                          eval_examples=64)
-        # The open verbalizer (candidates scored, not listed): validation NDCG@5 0.393 before any training and 0.439
-        # after 300 stage-2 examples, vs 0.117 / 0.432 with the listed candidates (learning_log P10 vs P5), and
-        # ~200 fewer prompt tokens per example. The `paper` profile keeps the paper's listed candidate set.
+        # The next verbalizer (the history an open list, candidates scored as its next entry, not listed):
+        # validation NDCG@5 0.427 before any training (open: 0.393, listed: 0.117; learning_log P12, P10, P0), and
+        # it trains on packed windows at ~35× the examples per CPU-second. The `paper` profile keeps the paper's
+        # listed candidate set.
         cfg = RunConfig(profile=name, soft_prompt=SoftPromptConfig(num_tokens=20), distill=distill,  # type: ignore[arg-type]
-                        finetune=FinetuneConfig.from_profile(name), scoring=ScoringConfig(verbalizer="open"))
+                        finetune=FinetuneConfig.from_profile(name), scoring=ScoringConfig(verbalizer="next"))
         # ML-100K user split on 2 cores: 8–26 s per epoch, best validation epoch within the first ~5 (benchmarks/
         # results/teachers.md), so 10 epochs with patience 3 keeps all three teachers under ~8 minutes.
         for m in MODELS:
@@ -191,7 +204,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def _migrate(merged: dict[str, Any]) -> dict[str, Any]:
     """Read run folders written by older versions: ``{distill,finetune,evaluate}.length_norm`` became the single
     ``scoring.reduce`` (mean | sum; the evaluation's value is the one the old run's test metrics used), and those
-    versions listed the candidates (``scoring.verbalizer=title``) where the cpu profiles now use ``open``."""
+    versions listed the candidates (``scoring.verbalizer=title``) where the cpu profiles now use ``next``; configs
+    resolved before the packed forms existed keep one example per prompt (``objective``/``rps_form`` candidates)."""
+    # A resolved config.yaml (every field written) from before the packed forms trained one example per prompt.
+    fin, dis = merged.get("finetune"), merged.get("distill")
+    if isinstance(fin, dict) and "profile" in fin and "objective" not in fin:
+        merged = deep_merge(merged, {"finetune": {"objective": "candidates"}})
+    if isinstance(dis, dict) and "fixed_weights" in dis and "rps_form" not in dis:
+        merged = deep_merge(merged, {"distill": {"rps_form": "candidates"}})
     old = {sec: merged[sec].pop("length_norm") for sec in ("distill", "finetune", "evaluate")
            if isinstance(merged.get(sec), dict) and "length_norm" in merged[sec]}
     if not old:
