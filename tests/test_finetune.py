@@ -30,7 +30,7 @@ from tiny_models import tiny_backbone, tiny_dataset, tiny_soft_prompt, tiny_toke
 # AdaLoRA on distinct whole sequences, whatever the cpu profile's stage-2 defaults are.
 TINY = dict(adapter="adalora", sliding_window=False, init_r=6, target_r=2, tinit=3, tfinal=3, lr=0.1,
             warmup_steps=0, max_steps=12, batch_size=8, grad_accum=1, eval_every=4, patience=0, history_len=6,
-            max_train_examples=16, max_valid_examples=0, eval_batch_size=4, seed=7)
+            max_train_examples=16, max_valid_examples=0, eval_batch_size=4, seed=7, objective="candidates")
 
 
 def _data():

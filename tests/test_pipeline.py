@@ -97,7 +97,7 @@ def test_run_folder_holds_every_artifact(reference: Path) -> None:
     for rel in ("config.yaml", "manifest.json", "metrics.json", "report.md", "metrics.png", "curves.png",
                 "split.json", "candidates/test.parquet", "candidates/valid.parquet", "data/dataset.json",
                 "teachers/sasrec/model/model.safetensors", "teachers/gru4rec/model/model.safetensors",
-                "teachers/sasrec/topk_train.parquet", "distill/soft_prompt/soft_prompt.safetensors",
+                "teachers/sasrec/rollout5_train.parquet", "distill/soft_prompt/soft_prompt.safetensors",
                 "finetune/adapter/adapter_config.json", "results/DELRec.json", "predictions/DELRec.parquet",
                 "results/popularity.json"):
         assert (reference / rel).is_file(), rel

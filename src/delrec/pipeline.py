@@ -217,7 +217,8 @@ def _migrate(merged: dict[str, Any]) -> dict[str, Any]:
     if not old:
         return merged
     value = old.get("evaluate", old.get("finetune", old.get("distill")))
-    return deep_merge({"scoring": {"verbalizer": "title", "reduce": "mean" if value else "sum"}}, merged)
+    return deep_merge({"scoring": {"verbalizer": "title", "reduce": "mean" if value else "sum"},
+                       "finetune": {"objective": "candidates"}, "distill": {"rps_form": "candidates"}}, merged)
 
 
 def _propagate(cfg: RunConfig) -> RunConfig:
