@@ -48,7 +48,7 @@ from delrec.finetune import PAPER, FinetuneConfig, finetune, orthogonal_regulari
 from delrec.io import read_json, write_json, write_text
 from delrec.llm import Backbone, SoftPrompt, SoftPromptConfig, lsr_prompt
 from delrec.llm.prompts import ScoringConfig
-from delrec.llm.tiny import tiny_backbone, tiny_dataset, tiny_tokenizer
+from delrec.llm.tiny import successor_topk, tiny_backbone, tiny_dataset, tiny_tokenizer
 
 SCORE_RTOL = 5e-5  # max |device − cpu| / max |cpu| of fp32 title log-likelihoods (reduction order differs)
 GRAD_TOL = 1e-3  # max |device − cpu| / max |cpu| of the soft prompt's gradient
@@ -161,16 +161,7 @@ def _fmt(v: Any) -> str:
 
 # --- part 1: the product's CUDA path on tiny models -----------------------------------------------------------------
 def _fake_topk(split: Split, k: int = 5) -> np.ndarray:
-    """A deterministic stand-in teacher: the k items after the last one, history items skipped."""
-    out = []
-    for seq in split.train_sequences:
-        seen, row, i = set(seq.tolist()), [], int(seq[-1])
-        while len(row) < k:
-            i = i % split.dataset.n_items + 1
-            if i not in seen:
-                row.append(i)
-        out.append(row)
-    return np.array(out, dtype=np.int64)
+    return successor_topk(split, k)
 
 
 def _tiny_rows(titles: list[str], n: int = 4, hist: int = 5, cands: int = 8) -> tuple[list[str], list[list[str]]]:

@@ -28,7 +28,7 @@ from delrec.distill import (
 )
 from delrec.errors import ConfigError, DataError
 from delrec.llm import SoftPromptConfig
-from delrec.llm.tiny import tiny_backbone, tiny_dataset
+from delrec.llm.tiny import successor_topk, tiny_backbone, tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +37,8 @@ def data():
     return ds, make_split(ds, "user", seed=0)
 
 
-def _topk(split, k=5):
-    """A deterministic fake teacher: the k items after the last one, skipping history items."""
-    out = []
-    for seq in split.train_sequences:
-        seen, row, i = set(seq.tolist()), [], int(seq[-1])
-        while len(row) < k:
-            i = i % split.dataset.n_items + 1
-            if i not in seen:
-                row.append(i)
-        out.append(row)
-    return np.array(out, dtype=np.int64)
+def _topk(split, k: int = 5):  # type: ignore[no-untyped-def]
+    return successor_topk(split, k)
 
 
 def test_ta_examples_follow_the_spec(data):

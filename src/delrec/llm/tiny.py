@@ -111,3 +111,19 @@ def tiny_dataset(n_users: int = 24, n_items: int = 60, min_len: int = 7, max_len
         seqs.append(np.array(list(dict.fromkeys(seq)) or [start], dtype=np.int64))
     return SeqDataset(name="tiny", titles=titles, item_ids=["", *map(str, range(1, n_items + 1))],
                       user_ids=[f"u{u}" for u in range(n_users)], sequences=seqs, domain=domain)
+
+
+def successor_topk(split, k: int = 5):  # type: ignore[no-untyped-def]
+    """A deterministic stand-in teacher for tests: the k items after each training sequence's last one, history
+    items skipped ([n_train_users, k] item indices)."""
+    import numpy as np
+
+    out = []
+    for seq in split.train_sequences:
+        seen, row, i = set(seq.tolist()), [], int(seq[-1])
+        while len(row) < k:
+            i = i % split.dataset.n_items + 1
+            if i not in seen:
+                row.append(i)
+        out.append(row)
+    return np.array(out, dtype=np.int64)
