@@ -1,7 +1,8 @@
 """Stage 2 + evaluation on a tiny model, run by tests/test_distributed.py with 1 process or under torchrun.
 
-Usage: ``python tests/dist_finetune_script.py OUT`` or
-``torchrun --nproc_per_node=2 tests/dist_finetune_script.py OUT``. Writes ``OUT/finetune/`` (adapter, history)
+Usage: ``python tests/dist_finetune_script.py OUT [OBJECTIVE]`` or
+``torchrun --nproc_per_node=2 tests/dist_finetune_script.py OUT [OBJECTIVE]`` (candidates | sequence: packed windows
+scored with the next verbalizer). Writes ``OUT/finetune/`` (adapter, history)
 and ``OUT/result.json`` (test scores and metrics), from the main process only.
 """
 
@@ -26,19 +27,23 @@ CFG = dict(init_r=6, target_r=2, tinit=2, tfinal=2, lr=0.1, warmup_steps=0, max_
            lora_dropout=0.0, seed=7)
 
 
-def main(out: Path) -> None:
+def main(out: Path, objective: str = "candidates") -> None:
     from accelerate import PartialState
+
+    from delrec.llm.prompts import ScoringConfig
 
     ds = tiny_dataset(n_users=60)  # 6 validation and 6 test users
     split = make_split(ds, "user", seed=0)
-    cfg = FinetuneConfig.from_profile("cpu", **CFG)
+    cfg = FinetuneConfig.from_profile("cpu", **CFG, objective=objective)
+    scoring = ScoringConfig(verbalizer="next" if objective == "sequence" else "title")
     sp = tiny_soft_prompt()
-    bb = finetune(tiny_backbone("llama", scale=5.0), ds, split, sp, "SASRec", cfg, out / "finetune")
+    bb = finetune(tiny_backbone("llama", scale=5.0), ds, split, sp, "SASRec", cfg, out / "finetune",
+                  scoring=scoring)
     test = split.examples("test")
     cands = draw_candidates(test, ds, size=20, seed=11)
     state = PartialState()
     res = evaluate_llm(bb, sp, ds, cands, ds.domain, "SASRec", cfg.history_len, 2, histories_for(cands, test),
-                       state=state)
+                       state=state, scoring=scoring)
     if state.is_main_process:
         write_json(out / "result.json",
                    {**res.to_dict(), "scores": res.scores.tolist(), "processes": state.num_processes})
@@ -48,4 +53,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3])

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 SCRIPT = Path(__file__).with_name("dist_finetune_script.py")
@@ -25,14 +26,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_processes_match_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("objective", ["candidates", "sequence"])
+def test_two_processes_match_one(tmp_path: Path, objective: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    one = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / "one")], env=env,
+    one = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / "one"), objective], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT),
-                            str(tmp_path / "two")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+                            str(tmp_path / "two"), objective], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
     out_one, _ = one.communicate(timeout=120)
     out_two, _ = two.communicate(timeout=120)
     assert one.returncode == 0, out_one[-3000:]

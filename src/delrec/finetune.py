@@ -612,7 +612,11 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                     prompts, items = render_windows(title_views(dataset, scoring.year), domain, teacher_name,
                                                     [examples[i] for i in rows], soft_prompt=soft_prompt is not None)
                     item_scores = wrapped(prompts, items, sequence=True)
-                    loss = -item_scores.mean()
+                    # Normalised by the whole global micro-batch's item count, times the processes DDP averages
+                    # over: N processes then follow the single-process mean although windows differ in length.
+                    n_items = torch.tensor(item_scores.numel(), device=accelerator.device)
+                    n_global = accelerator.reduce(n_items, "sum") if world > 1 else n_items
+                    loss = -item_scores.sum() * world / n_global
                     seen += item_scores.numel()
                 else:
                     assert cands is not None
