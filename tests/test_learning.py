@@ -38,7 +38,7 @@ def test_stage2_overfits_a_handful_of_examples(tmp_path, sc: ScoringConfig) -> N
     cfg = FinetuneConfig.from_profile("cpu", adapter="lora", target_r=8, lr=0.01, warmup_steps=0, max_steps=100,
                                       batch_size=8, grad_accum=1, eval_every=100, patience=0, history_len=6,
                                       max_train_examples=8, max_valid_examples=4, candidate_size=10,
-                                      lora_dropout=0.0, seed=0)
+                                      lora_dropout=0.0, seed=0, objective="candidates")
     exs = train_examples(split, cfg)
     cs = draw_candidates(exs, ds, 10, seed=99)  # fixed candidates the training loop never drew
     prompts, titles = lsr_inputs(ds, [e.history for e in exs], cs.items, "movie", "SASRec", 6, year=sc.year,
