@@ -41,6 +41,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 BEAUTY = ROOT.parent / "shared" / "data" / "amazon-beauty"
 TEACHERS = ("SASRec", "GRU4Rec", "Caser")
 
+# Rows measured with an earlier version of a profile keep that version's name (results of real runs, not rerun).
+LEGACY_PROFILES = {"cpu-2026-12-03-open": "the cpu profile of 2026-12-03: open verbalizer, 480 one-prompt stage-2 "
+                                          "examples, stage 1 with 20-way RPS over 16 steps"}
+
 # setting name → (--set overrides on top of the part's base run, model name of its DELRec row)
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style"),
@@ -195,6 +199,10 @@ def table(result: dict[str, Any]) -> list[str]:
                        f"[{d['HR@1']['ci'][0]:+.3f}, {d['HR@1']['ci'][1]:+.3f}] | {d['NDCG@5']['mean']:+.4f} "
                        f"[{d['NDCG@5']['ci'][0]:+.3f}, {d['NDCG@5']['ci'][1]:+.3f}] | "
                        f"{t['HR@1_wins_losses'][0]}/{t['HR@1_wins_losses'][1]} | {t['sign_test_HR@1_p']:.3g} |")
+    legacy = sorted({r["profile"] for r in result["rows"]} & set(LEGACY_PROFILES))
+    if legacy:
+        out += ["", "Earlier settings of a profile, kept for comparison (not rerun): " + "; ".join(
+            f"`{p}` = {LEGACY_PROFILES[p]}" for p in legacy) + "."]
     missing = [p for p in PARTS if p not in result["parts"]]
     if missing:
         out += ["", f"Parts not run yet: {', '.join(missing)}."]
