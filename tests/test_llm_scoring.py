@@ -150,15 +150,15 @@ def test_index_verbalizer_scores_each_letter_at_the_answer_position(backbone):
 
 
 # --- the `next` verbalizer's packed form ------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize(("kind", "eos"), [("llama", "always"), ("gemma3", "always"), ("llama", "never")])
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
-def test_sequence_scores_equal_each_item_scored_as_the_next_candidate(kind: str, reduce: str) -> None:
+def test_sequence_scores_equal_each_item_scored_as_the_next_candidate(kind: str, eos: str, reduce: str) -> None:
     """One pass over a window scores item k exactly as `score` scores it after the window's items before it."""
     from delrec.llm.prompts import ScoringConfig, lsr_head
 
     bb = tiny_backbone(kind)  # gemma3's sliding window (8) is shorter than these windows: the window mask matters
     soft = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=3))
-    scorer = ScoringConfig(verbalizer="next", reduce=reduce).scorer(bb, soft)
+    scorer = ScoringConfig(verbalizer="next", reduce=reduce, eos=eos).scorer(bb, soft)  # never: separator unscored
     rows = [TITLES[:6], TITLES[6:9], [TITLES[10], TITLES[2]]]  # unequal lengths: padding
     heads = [lsr_head("movie", "SASRec")] * 3
     packed = scorer.sequence_scores(heads, rows)

@@ -208,10 +208,13 @@ def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) ->
     assert load_config().scoring.verbalizer == "next"
     # a resolved config of the version before the packed forms: its open verbalizer trains as it did
     resolved = tmp_path / "resolved.yaml"
-    resolved.write_text(yaml.safe_dump({"scoring": {"verbalizer": "open"}, "finetune": {"profile": "cpu", "lr": 3e-3},
+    written = {k: {} for k in ("data", "split", "candidates", "teachers", "backbone", "soft_prompt", "evaluate")}
+    resolved.write_text(yaml.safe_dump({**written, "scoring": {"verbalizer": "open"}, "finetune": {"lr": 3e-3},
                                         "distill": {"fixed_weights": [0.5, 0.5]}}), encoding="utf-8")
     cfg = load_config(resolved)
     assert (cfg.finetune.objective, cfg.distill.rps_form) == ("candidates", "candidates")
+    # a user's own config that names a few sections keeps the profile's packed forms
+    assert load_config(overrides=["distill.fixed_weights=[0.3, 0.7]"]).distill.rps_form == "sequence"
     from delrec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="verbalizer=next") as e:  # a hand-written one is told what to change

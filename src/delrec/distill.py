@@ -620,6 +620,8 @@ def _save_checkpoint(path: Path, cfg: DistillConfig, soft: SoftPrompt, opt: torc
 def _load_checkpoint(path: Path, cfg: DistillConfig, soft: SoftPrompt, opt: torch.optim.Optimizer,
                      out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = read_json(path / "state.json")
+    if isinstance(meta.get("config"), dict):  # checkpoints from before packed RPS
+        meta["config"].setdefault("rps_form", "candidates")
     if meta.get("config") != _resume_key(cfg):
         raise ConfigError(f"{out_dir} holds a stage-1 checkpoint made with a different configuration; use a new "
                           "output folder or delete the old one", file=path / "state.json", field="distill")

@@ -753,6 +753,9 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any], model: nn.Modu
     state_file = ckpt_dir / "state.json"
     saved = read_json(state_file)
     old = saved.pop("fingerprint", {})
+    # checkpoints from before the packed objective trained one example per prompt
+    if isinstance(old.get("config"), dict):
+        old["config"].setdefault("objective", "candidates")
     def flat(d: dict[str, Any]) -> dict[str, Any]:
         return {**{k: v for k, v in d.items() if k != "config"},
                 **{f"config.{k}": v for k, v in (d.get("config") or {}).items()}}

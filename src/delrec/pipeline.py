@@ -202,16 +202,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _propagate(cfg)
 
 
+RESOLVED_SECTIONS = ("data", "split", "candidates", "teachers", "backbone", "soft_prompt", "scoring", "distill",
+                     "finetune", "evaluate")
+
+
 def _migrate(merged: dict[str, Any]) -> dict[str, Any]:
     """Read run folders written by older versions: ``{distill,finetune,evaluate}.length_norm`` became the single
     ``scoring.reduce`` (mean | sum; the evaluation's value is the one the old run's test metrics used), and those
     versions listed the candidates (``scoring.verbalizer=title``) where the cpu profiles now use ``next``; configs
     resolved before the packed forms existed keep one example per prompt (``objective``/``rps_form`` candidates)."""
     # A resolved config.yaml (every field written) from before the packed forms trained one example per prompt.
+    # Recognised by every section being written out (a hand-written config names a few), so a user's own config
+    # without these keys still gets the profile's values.
     fin, dis = merged.get("finetune"), merged.get("distill")
-    if isinstance(fin, dict) and "profile" in fin and "objective" not in fin:
+    resolved = all(isinstance(merged.get(k), dict) for k in RESOLVED_SECTIONS)
+    if resolved and isinstance(fin, dict) and "objective" not in fin:
         merged = deep_merge(merged, {"finetune": {"objective": "candidates"}})
-    if isinstance(dis, dict) and "fixed_weights" in dis and "rps_form" not in dis:
+    if resolved and isinstance(dis, dict) and "rps_form" not in dis:
         merged = deep_merge(merged, {"distill": {"rps_form": "candidates"}})
     old = {sec: merged[sec].pop("length_norm") for sec in ("distill", "finetune", "evaluate")
            if isinstance(merged.get(sec), dict) and "length_norm" in merged[sec]}

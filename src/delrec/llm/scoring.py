@@ -174,7 +174,7 @@ class TitleScorer:
                     r_tgt += t
                     r_own += [len(lengths)] * len(t)
                     lengths.append(len(t))
-                ids += t
+                ids += t if self.append_eos else t + self._sep  # the separator a prompt's ITEM_END becomes
             seqs.append(ids)
         if not lengths:
             raise ValueError(f"no example has an item past its skip ({skip})")
