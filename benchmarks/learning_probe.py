@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--soft-prompt", type=Path, default=None)
     ap.add_argument("--n-valid", type=int, default=200)
     ap.add_argument("--zero-shot", action="store_true", help="also rank before training")
+    ap.add_argument("--eval-only", type=Path, default=None, metavar="PROBE_DIR",
+                    help="do not train: rank with the adapter a finished probe left in PROBE_DIR (e.g. to compare "
+                         "scoring settings on one trained adapter)")
     ap.add_argument("--note", default="", help="a remark for the log (e.g. timing shared the CPU with another job)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "probes")
     args = ap.parse_args()
@@ -112,14 +115,23 @@ def main() -> None:
         print("zero-shot", out["zero_shot"], flush=True)
     work = args.work / args.name
     t0 = time.perf_counter()
-    backbone = finetune(backbone, ds, split, soft, teacher, cfg, work, scoring=scoring, resume=False)
+    if args.eval_only is not None:
+        from delrec.finetune import load_adapter
+
+        work = args.eval_only
+        backbone = load_adapter(backbone, work / "adapter")
+    else:
+        backbone = finetune(backbone, ds, split, soft, teacher, cfg, work, scoring=scoring, resume=False)
     hist_file = read_json(work / "history.json")
     # next-item predictions trained on (a packed window holds several); older histories lack the count
     seen = hist_file.get("train_predictions") or hist_file["steps"] * cfg.batch_size * cfg.grad_accum
+    if args.eval_only is not None:
+        out["eval_only"] = str(args.eval_only)
     out.update(train_s=round(time.perf_counter() - t0, 1), train_examples=seen,
                s_per_example=round(hist_file["seconds"] / max(seen, 1), 3),
                loss_first=hist_file["history"][0]["loss"], loss_last=hist_file["history"][-1]["loss"],
-               config={"finetune": dataclasses.asdict(cfg), "scoring": dataclasses.asdict(scoring)})
+               config={"finetune": hist_file["config"] if args.eval_only is not None else dataclasses.asdict(cfg),
+                       "scoring": dataclasses.asdict(scoring)})
     out["valid"], out["valid_s"] = rank()
     print(json.dumps(out["valid"]), flush=True)
     LOG.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +150,8 @@ def write_table() -> None:
     for i, r in enumerate(rows, 1):
         v, p = r["valid"], r["popularity"]
         note = f" ({r['note']})" if r.get("note") else ""
+        if r.get("eval_only"):
+            note += f" (no training: the adapter of {Path(r['eval_only']).name})"
         zs = r.get("zero_shot")
         if zs:
             note += f" (before training: NDCG@5 {zs['NDCG@5']})"

@@ -271,15 +271,17 @@ def test_ablation_switches(tmp_path: Path) -> None:
     assert hist["fingerprint"]["teacher"] == "GRU4Rec" and hist["fingerprint"]["soft_prompt"] is None
 
 
-def test_cpu_long_profile_trains_longer_and_validates_on_more_users() -> None:
+def test_cpu_long_profile_trains_longer_and_both_validate_on_64_users() -> None:
     from delrec.pipeline import load_config
 
     short, long = load_config(overrides=["profile=cpu"]), load_config(overrides=["profile=cpu-long"])
     assert long.profile == long.finetune.profile == "cpu-long"
     assert long.finetune.max_steps >= 4 * short.finetune.max_steps
-    assert long.finetune.max_valid_examples >= 64 > short.finetune.max_valid_examples
+    # 16 users picked the best step by noise (95% CI about ±0.2 on HR@1)
+    assert long.finetune.max_valid_examples >= 64 and short.finetune.max_valid_examples >= 64
     assert long.distill.total_steps > short.distill.total_steps
     assert long.scoring == short.scoring and long.soft_prompt == short.soft_prompt
+    assert short.scoring.reduce == "sum"  # packed-trained LMs rank by the title's probability (learning_log P17)
 
 
 def test_train_windows_predict_every_training_item_but_the_first_once() -> None:

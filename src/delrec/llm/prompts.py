@@ -105,8 +105,8 @@ class ScoringConfig:
     # Defaults measured (benchmarks/results/learning_log.md, 300 stage-2 examples, 200 validation rows): whole
     # titles + EOS reach validation NDCG@5 0.385; year unscored / hidden without EOS 0.282 / 0.315, though 1.5× /
     # 2.2× cheaper per example. The EOS score acts as a learnable "is this the one" verdict on each title.
-    # The cpu profiles use ``open`` (pipeline.profile): the LM's own likelihood of a title ranks well before any
-    # training (learning_log P10); ``title`` stays the default, the paper's listed candidate set.
+    # The cpu profiles use ``next`` with ``sum`` (pipeline.profile: packed training, learning_log P13–P17);
+    # ``title`` stays the default, the paper's listed candidate set.
     year: YearMode = "keep"
     eos: EosMode = "always"
     verbalizer: Verbalizer = "title"
