@@ -41,6 +41,7 @@ from delrec.llm.prompts import (
     ScoringConfig,
     candidate_labels,
     domain_words,
+    packed_titles,
     rps_head,
     rps_prompt,
     ta_prompt,
@@ -264,13 +265,9 @@ Rendered = tuple[list[str], list[list[str]], np.ndarray]
 
 def render_rps_rollouts(examples: Sequence[tuple[np.ndarray, int]], dataset: SeqDataset, teacher: str,
                         domain: str | None = None, soft_prompt: bool = True, year: str = "keep") -> Rendered:
-    v = title_views(dataset, year)
-    if v.shown != v.scored:
-        raise ConfigError("packed RPS needs titles shown as scored (scoring.year keep or hidden)",
-                          field="scoring.year")
+    titles = packed_titles(title_views(dataset, year), [items for items, _ in examples], "RPS")
     head = rps_head(domain or dataset.domain, teacher, soft_prompt=soft_prompt)
-    return ([head] * len(examples), [[v.scored[int(i)] for i in items] for items, _ in examples],
-            np.array([skip for _, skip in examples], dtype=np.int64))
+    return [head] * len(examples), titles, np.array([skip for _, skip in examples], dtype=np.int64)
 
 
 def render_ta(examples: Sequence[TAExample], dataset: SeqDataset, teacher: str, history_len: int,

@@ -127,13 +127,17 @@ class ScoringConfig:
     def append_eos(self, backbone_kind: str) -> bool:
         if self.verbalizer == "index":
             return False  # a letter is the whole answer
-        if self.verbalizer == "next" and backbone_kind == "causal":
+        if self._list_entries(backbone_kind):
             return self.eos != "never"  # the list separator ends every entry
         return self.eos == "always" or (self.eos == "auto" and backbone_kind != "causal")
 
     def end_text(self, backbone_kind: str) -> str | None:
         """What ends a scored title instead of the EOS token: the list separator for ``next`` on a causal LM."""
-        return ITEM_SEP if self.verbalizer == "next" and backbone_kind == "causal" else None
+        return ITEM_SEP if self._list_entries(backbone_kind) else None
+
+    def _list_entries(self, backbone_kind: str) -> bool:
+        """A candidate is scored as the next entry of the history's list, ended by the separator."""
+        return self.verbalizer == "next" and backbone_kind == "causal"
 
     def scorer(self, backbone: Any, soft_prompt: Any = None, **kwargs: Any) -> Any:
         """The `TitleScorer` these settings describe (``kwargs``: its batch and memory knobs)."""
@@ -318,8 +322,14 @@ def render_windows(views: TitleViews, domain: str, teacher: str, windows: Sequen
 
     `TitleScorer.sequence_scores` scores item k of a window exactly as `render_lsr` would score it as a candidate
     after the window's items before it."""
+    return [lsr_head(domain, teacher, soft_prompt=soft_prompt)] * len(windows), packed_titles(views, windows)
+
+
+def packed_titles(views: TitleViews, windows: Sequence[Sequence[int] | np.ndarray], what: str = "training"
+                  ) -> list[list[str]]:
+    """Each window's titles for a packed pass, in which an item is both context (shown) and scored: so the two
+    views must agree (``scoring.year`` keep or hidden)."""
     if views.shown != views.scored:
-        raise ConfigError("packed training needs titles shown as scored (scoring.year keep or hidden)",
+        raise ConfigError(f"packed {what} needs titles shown as scored (scoring.year keep or hidden)",
                           field="scoring.year")
-    head = lsr_head(domain, teacher, soft_prompt=soft_prompt)
-    return [head] * len(windows), [[views.scored[int(i)] for i in w] for w in windows]
+    return [[views.scored[int(i)] for i in w] for w in windows]
