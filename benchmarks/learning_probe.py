@@ -4,7 +4,9 @@
         --set finetune.max_train_examples=300 --set scoring.year=unscored
 
 Reuses a finished run folder's data and split (``--base``; teachers are not needed). Trains stage 2 from the cpu
-profile with the given ``--set`` overrides (``finetune.*``, ``scoring.*``), without a soft prompt unless
+profile's settings (stage 2 and scoring; rows logged before 2026-12-04 session 15 started from the `ScoringConfig`
+defaults, listed titles and per-token means — each row's ``config`` says which) with the given ``--set`` overrides
+(``finetune.*``, ``scoring.*``), without a soft prompt unless
 ``--soft-prompt RUN`` names a run whose stage 1 is done, then ranks a fixed validation set: ``--n-valid`` examples
 drawn (seeded) from every prefix of the *validation* users' sequences — never a test target, never a training user —
 each with the target + 19 negatives outside the user's sequence. Popularity (training counts) is ranked on the same
@@ -70,8 +72,7 @@ def main() -> None:
     from delrec.evaluate import score_candidates
     from delrec.finetune import FinetuneConfig, finetune
     from delrec.llm.backbone import Backbone
-    from delrec.llm.prompts import ScoringConfig
-    from delrec.pipeline import TEACHER_NAMES, Run
+    from delrec.pipeline import TEACHER_NAMES, Run, profile
 
     run = Run(args.base, log=lambda s: None)
     ds, split = run.dataset, run.split
@@ -83,7 +84,7 @@ def main() -> None:
         {"finetune": ft, "scoring": sc}[section][field] = value
     ft.setdefault("eval_every", 10**6)  # the probe's own validation below is the measurement
     cfg = FinetuneConfig.from_profile("cpu", **ft)
-    scoring = ScoringConfig(**sc).validate()
+    scoring = dataclasses.replace(profile("cpu").scoring, **sc).validate()  # the cpu profile's, then --set
     teacher = TEACHER_NAMES[run.cfg.teachers.distill_from]
 
     vex = valid_examples(split, args.n_valid)
@@ -119,6 +120,11 @@ def main() -> None:
         from delrec.finetune import load_adapter
 
         work = args.eval_only
+        trained = read_json(work / "history.json")
+        if (trained["fingerprint"]["soft_prompt"] is None) != (soft is None):
+            raise SystemExit(f"{work} was trained {'without' if soft is not None else 'with'} a soft prompt; "
+                             "pass --soft-prompt exactly when it was")
+        cfg = dataclasses.replace(cfg, history_len=trained["config"]["history_len"])  # rank as it trained
         backbone = load_adapter(backbone, work / "adapter")
     else:
         backbone = finetune(backbone, ds, split, soft, teacher, cfg, work, scoring=scoring, resume=False)

@@ -192,12 +192,13 @@ def table(result: dict[str, Any]) -> list[str]:
                    f"[{ci['NDCG@5'][0]:.3f}, {ci['NDCG@5'][1]:.3f}] | {seen} | {r['n_test']} | {r['wall_s']:.0f} |")
     if result["tests"]:
         out += ["", "## Paired per-user tests", "",
-                "| dataset | split | A | B | n | ΔHR@1 (A−B) [95% CI] | ΔNDCG@5 [95% CI] | HR@1 wins/losses "
+                "| dataset | split | profile | A | B | n | ΔHR@1 (A−B) [95% CI] | ΔNDCG@5 [95% CI] | HR@1 wins/losses "
                 "| sign test p |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for t in result["tests"]:
             d = t["diff_a_minus_b"]
-            out.append(f"| {t['dataset']} | {t['split']} | {t['a']} | {t['b']} | {t['n']} | {d['HR@1']['mean']:+.4f} "
+            out.append(f"| {t['dataset']} | {t['split']} | {t['profile']} | {t['a']} | {t['b']} | {t['n']} | "
+                       f"{d['HR@1']['mean']:+.4f} "
                        f"[{d['HR@1']['ci'][0]:+.3f}, {d['HR@1']['ci'][1]:+.3f}] | {d['NDCG@5']['mean']:+.4f} "
                        f"[{d['NDCG@5']['ci'][0]:+.3f}, {d['NDCG@5']['ci'][1]:+.3f}] | "
                        f"{t['HR@1_wins_losses'][0]}/{t['HR@1_wins_losses'][1]} | {t['sign_test_HR@1_p']:.3g} |")

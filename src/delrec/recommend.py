@@ -32,7 +32,7 @@ DEFAULT_CANDIDATES = 20  # the paper's candidate-set size (target + 19 negatives
 class Recommendation:
     item: int  # item index in the run's dataset (1..n_items)
     title: str
-    score: float  # the LLM's (length-normalised) title log-likelihood; higher = better
+    score: float  # the LLM's title log-likelihood (per-token mean or sum: scoring.reduce); higher = better
 
 
 @dataclass(frozen=True)

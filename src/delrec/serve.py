@@ -101,7 +101,8 @@ class Item(BaseModel):
 
 
 class Scored(Item):
-    score: float = Field(description="the LLM's length-normalised title log-likelihood; higher is better")
+    score: float = Field(description="the LLM's title log-likelihood (per-token mean or sum, the run's "
+                                      "scoring.reduce); higher is better")
 
 
 class InfluenceOut(Item):
