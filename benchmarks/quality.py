@@ -42,7 +42,9 @@ BEAUTY = ROOT.parent / "shared" / "data" / "amazon-beauty"
 TEACHERS = ("SASRec", "GRU4Rec", "Caser")
 
 # Rows measured with an earlier version of a profile keep that version's name (results of real runs, not rerun).
-LEGACY_PROFILES = {"cpu-2026-12-04-mean": "the cpu profile of 2026-12-04 (session 14): next verbalizer and packed "
+LEGACY_PROFILES = {"cpu-2026-12-04-s1-48": "the cpu profile of 2026-12-04 (session 15) before stage 1 was cut to 24 "
+                                           "steps: summed title scores, 48 stage-1 steps",
+                   "cpu-2026-12-04-mean": "the cpu profile of 2026-12-04 (session 14): next verbalizer and packed "
                                           "training as now, titles scored by the per-token mean log-likelihood",
                    "cpu-2026-12-03-open": "the cpu profile of 2026-12-03: open verbalizer, 480 one-prompt stage-2 "
                                           "examples, stage 1 with 20-way RPS over 16 steps"}
