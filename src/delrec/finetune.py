@@ -189,7 +189,8 @@ PAPER = FinetuneConfig()
 # 1e-3); with the open and listed verbalizers 5 training candidates (P7), LoRA on every linear layer (P8) and
 # summed title log-likelihoods (P9) learned less; the packed objective reached 0.491 after 100 updates (P13). With
 # packed training the sum ranks better than the mean (P14 vs P17), so the profile's scoring uses it (pipeline.profile).
-# Validation on 64 users (~25 s each time): 16 picked step 200 over 400 by noise (95% CI about ±0.2 on HR@1).
+# Validation on 64 users (~25 s each time; 16 give a 95% CI of about ±0.2 on HR@1). Both fresh runs of session 15
+# still picked step 200 over 400 (NDCG@5 0.52 vs 0.49): later updates lower the validation metric (an open lead).
 CPU = FinetuneConfig(adapter="lora", init_r=8, target_r=8, lr=3e-3, warmup_steps=10, max_steps=400, batch_size=4,
                      grad_accum=1, eval_every=200, patience=0, history_len=10, objective="sequence",
                      max_train_examples=0, max_valid_examples=64, eval_batch_size=4, profile="cpu")
