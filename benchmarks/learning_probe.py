@@ -120,15 +120,15 @@ def main() -> None:
         from delrec.finetune import load_adapter
 
         work = args.eval_only
-        trained = read_json(work / "history.json")
-        if (trained["fingerprint"]["soft_prompt"] is None) != (soft is None):
+        hist_file = read_json(work / "history.json")
+        if (hist_file["fingerprint"]["soft_prompt"] is None) != (soft is None):
             raise SystemExit(f"{work} was trained {'without' if soft is not None else 'with'} a soft prompt; "
                              "pass --soft-prompt exactly when it was")
-        cfg = dataclasses.replace(cfg, history_len=trained["config"]["history_len"])  # rank as it trained
+        cfg = dataclasses.replace(cfg, history_len=hist_file["config"]["history_len"])  # rank as it trained
         backbone = load_adapter(backbone, work / "adapter")
     else:
         backbone = finetune(backbone, ds, split, soft, teacher, cfg, work, scoring=scoring, resume=False)
-    hist_file = read_json(work / "history.json")
+        hist_file = read_json(work / "history.json")
     # next-item predictions trained on (a packed window holds several); older histories lack the count
     seen = hist_file.get("train_predictions") or hist_file["steps"] * cfg.batch_size * cfg.grad_accum
     if args.eval_only is not None:
