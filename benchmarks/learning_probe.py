@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--soft-prompt", type=Path, default=None)
+    ap.add_argument("--teacher", type=Path, default=None, metavar="MODEL_DIR",
+                    help="the trained teacher finetune.distill_weight distils (default: --base's "
+                         "teachers/<distill_from>/model); it must have been trained on --base's split")
     ap.add_argument("--n-valid", type=int, default=200)
     ap.add_argument("--zero-shot", action="store_true", help="also rank before training")
     ap.add_argument("--eval-only", type=Path, default=None, metavar="PROBE_DIR",
@@ -127,7 +130,14 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, history_len=hist_file["config"]["history_len"])  # rank as it trained
         backbone = load_adapter(backbone, work / "adapter")
     else:
-        backbone = finetune(backbone, ds, split, soft, teacher, cfg, work, scoring=scoring, resume=False)
+        tmodel = None
+        if cfg.distill_weight > 0:
+            from delrec.teachers import SeqRecommender
+
+            tmodel = SeqRecommender.from_pretrained(
+                args.teacher or args.base / "teachers" / run.cfg.teachers.distill_from / "model")
+        backbone = finetune(backbone, ds, split, soft, teacher, cfg, work, scoring=scoring, resume=False,
+                            teacher=tmodel)
         hist_file = read_json(work / "history.json")
     # next-item predictions trained on (a packed window holds several); older histories lack the count
     seen = hist_file.get("train_predictions") or hist_file["steps"] * cfg.batch_size * cfg.grad_accum

@@ -196,6 +196,21 @@ def test_reuse_copies_only_stages_whose_settings_match(setup: Path, reference: P
     assert reuse_stages(Run(tmp_path / "chain", cfg), out) == ["data", "teacher:sasrec", "teacher:gru4rec"]
 
 
+def test_stage2_distillation_reads_the_run_folders_teacher(setup: Path, reference: Path, tmp_path: Path) -> None:
+    """finetune.distill_weight > 0: stage 2 loads `teachers.distill_from` from the run folder and logs the
+    distillation loss beside the training loss; every other stage is reused."""
+    out = tmp_path / "kd"
+    proc = subprocess.run([*_cmd(setup, out), "--reuse", str(reference), "--set", "finetune.distill_weight=0.5"],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hist = read_json(out / "finetune" / "history.json")
+    assert hist["config"]["distill_weight"] == 0.5
+    losses = [(e["loss"], e["distill_loss"]) for e in hist["history"]]
+    assert losses and all(np.isfinite(a) and np.isfinite(b) and b > 0 for a, b in losses)
+    assert hist["fingerprint"]["teacher_model"]
+    assert _metrics(out)["SASRec"] == _metrics(reference)["SASRec"]
+
+
 def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) -> None:
     from delrec.pipeline import load_config
 

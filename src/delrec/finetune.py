@@ -28,7 +28,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,7 +46,10 @@ from delrec.data.splits import Example, Split
 from delrec.errors import ConfigError, DataError, DelrecError
 from delrec.evaluate import histories_for, lsr_inputs, score_candidates
 from delrec.io import atomic_dir, atomic_path, read_json, sha256_bytes, write_json
+from delrec.llm.title_trie import TitleTrie
 from delrec.metrics import summarize
+from delrec.teachers import SeqRecommender, predict_proba
+from delrec.teachers import score_candidates as teacher_scores
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -100,6 +103,12 @@ class FinetuneConfig:
     # entry of the history before it in one pass (needs scoring.verbalizer=next; a causal LM) — history_len next-item
     # examples for the price of about one.
     objective: Objective = "candidates"
+    # Weight λ of the teacher in stage 2's loss: (1−λ)·NLL of the true next item + λ·cross-entropy against the
+    # teacher's (`teachers.distill_from`) distribution over the next item — over the candidates (objective
+    # candidates), or over every item, spelled along the title's tokens (objective sequence; `TitleTrie`).
+    # 0 = the paper (the teacher reaches stage 2 only through the soft prompt).
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0  # softmax temperature of the teacher's logits in that term
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
     profile: str = "paper"  # the preset these values started from (recorded only)
@@ -129,10 +138,14 @@ class FinetuneConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
                 raise bad(name, "must be a positive number")
-        for name in ("weight_decay", "grad_clip", "orth_reg_weight"):
+        for name in ("weight_decay", "grad_clip", "orth_reg_weight", "distill_weight", "distill_temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a non-negative number")
+        if self.distill_weight > 1:
+            raise bad("distill_weight", "must be in [0, 1]")
+        if self.distill_temperature <= 0:
+            raise bad("distill_temperature", "must be a positive number")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", "must be in [0, 1)")
         if self.candidate_size < 2:
@@ -324,6 +337,16 @@ def train_examples(split: Split, cfg: FinetuneConfig) -> list[Example]:
     return exs
 
 
+def window_targets(teacher: SeqRecommender, trie: TitleTrie, windows: Sequence[np.ndarray],
+                   cfg: FinetuneConfig) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """The teacher's next-item distribution for every scored item of every window (item k of a window, from the
+    items before it — what the LM sees), spelled along that item's title tokens (`TitleTrie.targets`)."""
+    hists = [np.asarray(w[:k]) for w in windows for k in range(1, len(w))]
+    probs = predict_proba(teacher, hists, temperature=cfg.distill_temperature)
+    items = [int(w[k]) for w in windows for k in range(1, len(w))]
+    return [trie.targets(item, probs[r]) for r, item in enumerate(items)]
+
+
 def lr_lambda(step: int, *, warmup: int, total: int) -> float:
     """Linear warm-up then linear decay to 0 at ``total``; the first update already has lr/(warmup+1), not 0 (the
     transformers schedule spends a whole update at lr 0, a large share of a 30-update CPU budget)."""
@@ -366,8 +389,11 @@ class _Scoring(nn.Module):
         self.model = model
         self._scorer = (scorer,)
 
-    def forward(self, prompts: list[str], candidates: list[list[str]], sequence: bool = False) -> torch.Tensor:
+    def forward(self, prompts: list[str], candidates: list[list[str]], sequence: bool = False,
+                targets: Any = None) -> Any:
         if sequence:  # candidates = each window's items; → [N] scores of items 2.. of every window
+            if targets is not None:  # → ([N] scores, [N] cross-entropies against the teacher's targets)
+                return self._scorer[0].sequence_distill(prompts, candidates, targets)
             return self._scorer[0].sequence_scores(prompts, candidates)
         return self._scorer[0].score(prompts, candidates)  # [B, C]
 
@@ -480,7 +506,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
              teacher_name: str, cfg: FinetuneConfig, out_dir: str | Path,
              valid_candidates: CandidateSet | None = None,
              log: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = True,
-             scoring: ScoringConfig | None = None) -> Backbone:
+             scoring: ScoringConfig | None = None, teacher: SeqRecommender | None = None) -> Backbone:
     """Stage 2: train an adapter on the backbone; returns the backbone whose ``model`` is the trained PeftModel.
 
     The backbone is modified in place (peft injects the adapter layers into it). ``adapter="none"`` returns it
@@ -488,6 +514,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     frozen validation candidates (drawn from ``cfg.seed`` if None). ``log`` receives every history entry (main
     process). With ``resume`` an existing ``out_dir/checkpoint`` of the same run is continued; a finished run
     returns at once with its best adapter loaded. ``scoring``: how titles are shown and scored (`ScoringConfig`).
+    ``teacher``: the trained SR model whose next-item distribution ``cfg.distill_weight`` distils (needed then).
     """
     from peft import get_peft_model
 
@@ -518,6 +545,10 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         raise ConfigError("objective=sequence needs scoring.verbalizer=next and a causal LM backbone, got "
                           f"verbalizer {scoring.verbalizer!r} on a {getattr(backbone, 'kind', '?')} model",
                           field="finetune.objective")
+    kd = cfg.distill_weight > 0
+    if kd and teacher is None:
+        raise ConfigError(f"distill_weight {cfg.distill_weight} needs the trained teacher ({teacher_name})",
+                          field="finetune.distill_weight")
     examples: list[Any] = train_windows(split, cfg) if sequence else train_examples(split, cfg)
     if len(examples) < cfg.batch_size:
         raise ConfigError(f"only {len(examples)} training examples, fewer than one batch of {cfg.batch_size}",
@@ -538,6 +569,11 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     model.to(accelerator.device)
     backbone.model = model
     scorer = scoring.scorer(backbone, soft_prompt)
+    trie = None
+    if kd and sequence:
+        views = title_views(dataset, scoring.year)
+        trie = TitleTrie([[] if i == 0 else scorer.encode_title(views.scored[i])
+                          for i in range(dataset.n_items + 1)])
     adalora = cfg.adapter == "adalora"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -557,6 +593,8 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         "scoring": dataclasses.asdict(scoring),
         "backbone_params": sum(p.numel() for p in _base_model(model).parameters()),
     }
+    if kd:
+        fingerprint["teacher_model"] = _tensor_hash(teacher)
     ckpt_dir = out_dir / "checkpoint"
     st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
                           "history": [], "finished": False, "seconds": 0.0, "predictions": 0}
@@ -598,7 +636,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     cands: CandidateSet | None = None
     cands_epoch = -1
     stop = st["finished"]
-    loss_sum, loss_n = 0.0, 0
+    loss_sum, loss_n, kd_sum = 0.0, 0, 0.0
     seen = 0  # next-item predictions trained on since the last update (this process)
     micro = 0  # micro-batches accumulated into the next update; an update may span an epoch boundary
     while not stop and st["step"] < cfg.max_steps:
@@ -612,14 +650,25 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
             last = micro == cfg.grad_accum - 1
             with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():
                 if sequence:  # mean negative log-likelihood of every item as the next entry
+                    windows = [examples[i] for i in rows]
                     prompts, items = render_windows(title_views(dataset, scoring.year), domain, teacher_name,
-                                                    [examples[i] for i in rows], soft_prompt=soft_prompt is not None)
-                    item_scores = wrapped(prompts, items, sequence=True)
+                                                    windows, soft_prompt=soft_prompt is not None)
+                    if trie is not None:
+                        assert teacher is not None
+                        item_scores, item_kd = wrapped(prompts, items, sequence=True,
+                                                       targets=window_targets(teacher, trie, windows, cfg))
+                    else:
+                        item_scores, item_kd = wrapped(prompts, items, sequence=True), None
                     # Normalised by the whole global micro-batch's item count, times the processes DDP averages
                     # over: N processes then follow the single-process mean although windows differ in length.
                     n_items = torch.tensor(item_scores.numel(), device=accelerator.device)
                     n_global = accelerator.reduce(n_items, "sum") if world > 1 else n_items
-                    loss = -item_scores.sum() * world / n_global
+                    nll = -item_scores.sum() * world / n_global
+                    loss = nll
+                    if item_kd is not None:
+                        kd_loss = item_kd.sum() * world / n_global
+                        loss = (1 - cfg.distill_weight) * nll + cfg.distill_weight * kd_loss
+                        kd_sum += float(kd_loss.detach())
                     seen += item_scores.numel()
                 else:
                     assert cands is not None
@@ -630,6 +679,14 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                     target = torch.as_tensor(cands.target_pos[rows], device=accelerator.device)
                     scores = wrapped(prompts, titles)  # [b, C] whole-title log-likelihoods
                     loss = F.cross_entropy(scores.float(), target)
+                    if kd:  # the teacher's softmax over the same candidates as soft labels
+                        assert teacher is not None
+                        t_scores = teacher_scores(teacher, [examples[i].history for i in rows], cands.items[rows])
+                        soft = torch.softmax(torch.as_tensor(t_scores, device=accelerator.device)
+                                             / cfg.distill_temperature, dim=1)
+                        kd_loss = F.cross_entropy(scores.float(), soft)
+                        loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd_loss
+                        kd_sum += float(kd_loss.detach())
                     seen += len(rows)
                 total = loss / cfg.grad_accum
                 if last and adalora and cfg.orth_reg_weight > 0:
@@ -653,13 +710,16 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
             bar.update(1)
             step_loss = float(accelerator.reduce(torch.tensor(loss_sum / loss_n, device=accelerator.device),
                                                  "mean"))
-            loss_sum, loss_n = 0.0, 0
+            step_kd = float(accelerator.reduce(torch.tensor(kd_sum / loss_n, device=accelerator.device), "mean"))
+            loss_sum, loss_n, kd_sum = 0.0, 0, 0.0
             st["predictions"] = st.get("predictions", 0) + int(accelerator.reduce(
                 torch.tensor(seen, device=accelerator.device), "sum"))
             seen = 0
             entry: dict[str, Any] = {"step": st["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                                      "predictions": st["predictions"],
                                      "seconds": round(time.perf_counter() - t_start, 3)}
+            if kd:
+                entry["distill_loss"] = step_kd
             at_end = st["step"] >= cfg.max_steps
             if valid is not None and (st["step"] % cfg.eval_every == 0 or at_end):
                 metrics = evaluate_valid()

@@ -605,9 +605,20 @@ def finetune_stage(run: Run, backbone: Any, soft_prompt: Any, log: Callable[...,
     if run.done("finetune") and (out / "adapter").is_dir():
         return load_adapter(backbone, out / "adapter")
     t0 = time.perf_counter()
+    teacher = None
+    if run.cfg.finetune.distill_weight > 0:  # the teacher's distribution is part of stage 2's loss
+        from delrec.teachers import SeqRecommender
+        from delrec.teachers.base import resolve_device
+
+        name = run.cfg.teachers.distill_from
+        model_dir = run.dir / "teachers" / name / "model"
+        if not (model_dir / "config.json").is_file():
+            raise ConfigError(f"finetune.distill_weight needs the trained teacher in {model_dir}",
+                              field="finetune.distill_weight")
+        teacher = SeqRecommender.from_pretrained(model_dir, device=resolve_device(run.cfg.teachers.config(name).device))
     backbone = finetune(backbone, run.dataset, run.split, soft_prompt, TEACHER_NAMES[run.cfg.teachers.distill_from],
                         run.cfg.finetune, out, valid_candidates=run.candidates("valid"), log=log,
-                        scoring=run.cfg.scoring)
+                        scoring=run.cfg.scoring, teacher=teacher)
     run.mark("finetune", seconds=round(time.perf_counter() - t0, 1))
     return backbone
 

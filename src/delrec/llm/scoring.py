@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from delrec.llm.backbone import Backbone
 from delrec.llm.prompts import ITEM_END, REDUCTIONS, SOFT_PROMPT_SLOT, strip_slot
 from delrec.llm.soft_prompt import SoftPrompt
+from delrec.llm.title_trie import pad_targets
 
 SOFT_ID = -1  # placeholder id of a soft-prompt position inside prompt token lists
 
@@ -156,6 +157,22 @@ class TitleScorer:
         number, or one per example), example by example. Item k's score equals `score` of
         ``prompt + open_list(items[:k])`` with candidate ``items[k]``.
         """
+        return self._sequence(prompts, items, skip)[0]
+
+    def sequence_distill(self, prompts: Sequence[str], items: Sequence[Sequence[str]],
+                         targets: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]],
+                         skip: int | Sequence[int] = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sequence_scores` and, for the same [N] items, the cross-entropy of the LM's next-token distributions
+        against soft ``targets``: per scored item, one (token ids, probabilities) pair per token of its title
+        (`delrec.llm.title_trie.TitleTrie.targets`), summed over the title like the score (or averaged, with
+        ``reduce=mean``). A one-hot target gives exactly −score."""
+        scores, soft = self._sequence(prompts, items, skip, targets)
+        assert soft is not None
+        return scores, soft
+
+    def _sequence(self, prompts: Sequence[str], items: Sequence[Sequence[str]], skip: int | Sequence[int],
+                  targets: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         skips = [skip] * len(items) if isinstance(skip, int) else [int(x) for x in skip]
         if self.backbone.kind != "causal":
             raise ValueError("sequence scoring needs a causal LM")
@@ -188,11 +205,21 @@ class TitleScorer:
         body = self.backbone.base.base_model
         hidden = body(inputs_embeds=self.embed_ids(ids_t), attention_mask=am, use_cache=False).last_hidden_state
         rows = hidden[torch.tensor(r_b, device=dev), torch.tensor(r_t, device=dev)]
-        lp = self._token_logprobs(rows, torch.tensor(r_tgt, device=dev)).float()
-        total = lp.new_zeros(len(lengths)).index_add(0, torch.tensor(r_own, device=dev), lp)
-        if self.reduce == "mean":
-            total = total / torch.tensor(lengths, dtype=torch.float32, device=dev)
-        return total
+        soft = None
+        if targets is not None:
+            flat = [t for per_item in targets for t in per_item]
+            if len(flat) != len(r_tgt):
+                raise ValueError(f"{len(flat)} soft targets for {len(r_tgt)} scored tokens")
+            soft = pad_targets(flat, dev)
+        lp, ce = self._token_logprobs(rows, torch.tensor(r_tgt, device=dev), soft)
+        own = torch.tensor(r_own, device=dev)
+        norm = torch.tensor(lengths, dtype=torch.float32, device=dev) if self.reduce == "mean" else None
+        total = lp.float().new_zeros(len(lengths)).index_add(0, own, lp.float())
+        kd = None if ce is None else ce.float().new_zeros(len(lengths)).index_add(0, own, ce.float())
+        if norm is not None:
+            total = total / norm
+            kd = None if kd is None else kd / norm
+        return total, kd
 
     @torch.no_grad()
     def rank(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
@@ -285,7 +312,7 @@ class TitleScorer:
         if not r_b:
             return first, first.new_zeros(0), torch.zeros(0, dtype=torch.long, device=dev)
         rows = hidden[torch.tensor(r_b, device=dev), torch.tensor(r_t, device=dev)]  # [N, d]
-        rest = self._token_logprobs(rows, torch.tensor(r_tgt, device=dev))
+        rest = self._token_logprobs(rows, torch.tensor(r_tgt, device=dev))[0]
         return first, rest, torch.tensor(r_own, device=dev)
 
     def _packed_mask(self, seg: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> Any:
@@ -349,11 +376,16 @@ class TitleScorer:
         r_t = [k for t in flat for k in range(len(t) - 1)]
         r_tgt = [x for t in flat for x in t[1:]]
         rows = h[torch.tensor(r_i, device=dev), torch.tensor(r_t, device=dev)]
-        return first, self._token_logprobs(rows, torch.tensor(r_tgt, device=dev)), torch.tensor(r_i, device=dev)
+        return first, self._token_logprobs(rows, torch.tensor(r_tgt, device=dev))[0], torch.tensor(r_i, device=dev)
 
     # --- vocabulary log-softmax at the needed rows only ---------------------------------------------------------
-    def _token_logprobs(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """[N, d] final hidden states, [N] target ids → [N] log p(target) (full softmax, chunked over rows)."""
+    def _token_logprobs(self, rows: torch.Tensor, targets: torch.Tensor,
+                        soft: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, d] final hidden states, [N] target ids → [N] log p(target) (full softmax, chunked over rows).
+
+        With ``soft`` = ([N, S] token ids, [N, S] probabilities) also the [N] cross-entropy −Σ p log q of each row's
+        soft target, from the same logits → (log p(target), cross-entropy or None)."""
         v = self.backbone.vocab_size
         chunk = max(1, (self.logit_chunk_mb << 20) // (4 * v))
         head = self.backbone.head_logits
@@ -362,14 +394,25 @@ class TitleScorer:
             logits = head(h).float()
             return logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
+        def lp_ce(h: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            logits = head(h).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            ce = lse * p.sum(1) - (logits.gather(1, ids) * p).sum(1)
+            return torch.stack([logits.gather(1, y[:, None])[:, 0] - lse, ce])
+
         out = []
         for s in range(0, rows.shape[0], chunk):
             h, y = rows[s:s + chunk], targets[s:s + chunk]
+            args = (h, y) if soft is None else (h, y, soft[0][s:s + chunk], soft[1][s:s + chunk])
+            fn = lp if soft is None else lp_ce
             if torch.is_grad_enabled() and h.requires_grad:
-                out.append(checkpoint(lp, h, y, use_reentrant=False))  # recompute [chunk, V] in backward
+                out.append(checkpoint(fn, *args, use_reentrant=False))  # recompute [chunk, V] in backward
             else:
-                out.append(lp(h, y))
-        return torch.cat(out)
+                out.append(fn(*args))
+        if soft is None:
+            return torch.cat(out), None
+        both = torch.cat(out, dim=1)
+        return both[0], both[1]
 
 
 def _check(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> int:

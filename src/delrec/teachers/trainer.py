@@ -161,6 +161,23 @@ def predict_topk(model: SeqRecommender, histories: Sequence[np.ndarray], k: int 
     return out
 
 
+def predict_proba(model: SeqRecommender, histories: Sequence[np.ndarray], temperature: float = 1.0,
+                  exclude_history: bool = True, batch_size: int = 1024) -> np.ndarray:
+    """``[N, n_items + 1]`` the teacher's next-item distribution for each history (softmax of logits/temperature;
+    column 0, padding, and with ``exclude_history`` the history's items get 0). Stage 2's distillation target."""
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be positive, got {temperature}", field="finetune.distill_temperature")
+    out = np.zeros((len(histories), model.n_items + 1), dtype=np.float32)
+    for rows, logits in _batched_logits(model, histories, batch_size):
+        logits = logits.float() / temperature
+        logits[:, 0] = float("-inf")
+        if exclude_history:
+            seen = torch.from_numpy(pad_histories(histories[rows])).to(logits.device)
+            logits = logits.scatter(1, seen, float("-inf"))
+        out[rows] = torch.softmax(logits, dim=1).cpu().numpy()
+    return out
+
+
 def predict_rollout(model: SeqRecommender, histories: Sequence[np.ndarray], steps: int = 10,
                     batch_size: int = 1024) -> np.ndarray:
     """``[N, steps]`` greedy continuation of each history: the teacher's top-1, appended, then its top-1 for the
