@@ -3,8 +3,10 @@
 An LM ranks a title by the product of its token probabilities, so a distribution over items factorises along the
 prefix tree (trie) of the titles' token ids: at each prefix, the teacher's mass of the items that share it, grouped
 by their next token. Cross-entropy against those conditionals, along the tokens of the title the LM is trained on,
-distils the teacher's whole ranking (every item's probability, not only its top-1) into the positions the LM
-already computes — knowledge distillation (Hinton et al. 2015) at the cost of one gather per position.
+is knowledge distillation (Hinton et al. 2015) at the positions the LM already computes, one gather each. It is
+not the full item-level KL: only the prefixes of the trained title are visited, so the teacher's ranking reaches
+the LM mostly through the first token (every item's mass, grouped by its title's first token) — on ML-100K titles
+the deeper prefixes rarely branch (benchmarks/results/learning_log.md P18).
 """
 
 from __future__ import annotations
