@@ -523,18 +523,25 @@ def popularity_stage(run: Run) -> dict[str, Any]:
     return row
 
 
-def export_teacher_topk(run: Run, name: str, k: int | None = None, part: str = "train",
-                        dest: Path | None = None, rollout: bool = False) -> Path:
-    """The teacher's top-k for each prefix of ``part`` (train: each full training sequence), rows aligned; with
-    ``rollout`` its greedy k-step continuation instead (`predict_rollout`, stage 1's packed RPS)."""
-    from delrec.teachers import SeqRecommender, export_topk, predict_rollout, predict_topk
+def _trained_teacher(run: Run, name: str, device: Any = "cpu") -> Any:
+    """The run folder's trained teacher ``name`` (`SeqRecommender`); a clear error if it is not trained yet."""
+    from delrec.teachers import SeqRecommender
 
-    k = k or run.cfg.teachers.top_k
     model_dir = run.dir / "teachers" / name / "model"
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"teacher {name!r} is not trained in {run.dir}; run `delrec teacher train` first",
                           field="teacher.model")
-    model = SeqRecommender.from_pretrained(model_dir)
+    return SeqRecommender.from_pretrained(model_dir, device=device)
+
+
+def export_teacher_topk(run: Run, name: str, k: int | None = None, part: str = "train",
+                        dest: Path | None = None, rollout: bool = False) -> Path:
+    """The teacher's top-k for each prefix of ``part`` (train: each full training sequence), rows aligned; with
+    ``rollout`` its greedy k-step continuation instead (`predict_rollout`, stage 1's packed RPS)."""
+    from delrec.teachers import export_topk, predict_rollout, predict_topk
+
+    k = k or run.cfg.teachers.top_k
+    model = _trained_teacher(run, name)
     if part == "train":
         users, histories = run.split.train_users, run.split.train_sequences
     elif part in ("valid", "test"):
@@ -607,15 +614,10 @@ def finetune_stage(run: Run, backbone: Any, soft_prompt: Any, log: Callable[...,
     t0 = time.perf_counter()
     teacher = None
     if run.cfg.finetune.distill_weight > 0:  # the teacher's distribution is part of stage 2's loss
-        from delrec.teachers import SeqRecommender
         from delrec.teachers.base import resolve_device
 
         name = run.cfg.teachers.distill_from
-        model_dir = run.dir / "teachers" / name / "model"
-        if not (model_dir / "config.json").is_file():
-            raise ConfigError(f"finetune.distill_weight needs the trained teacher in {model_dir}",
-                              field="finetune.distill_weight")
-        teacher = SeqRecommender.from_pretrained(model_dir, device=resolve_device(run.cfg.teachers.config(name).device))
+        teacher = _trained_teacher(run, name, device=resolve_device(run.cfg.teachers.config(name).device))
     backbone = finetune(backbone, run.dataset, run.split, soft_prompt, TEACHER_NAMES[run.cfg.teachers.distill_from],
                         run.cfg.finetune, out, valid_candidates=run.candidates("valid"), log=log,
                         scoring=run.cfg.scoring, teacher=teacher)

@@ -143,6 +143,12 @@ def _batched_logits(model: SeqRecommender, histories: Sequence[np.ndarray],
         model.train(was_training)
 
 
+def _mask_history(logits: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
+    """``logits`` with every item of each row's history at -inf (padding 0 is -inf already)."""
+    seen = torch.from_numpy(pad_histories(histories)).to(logits.device)  # [b, longest], 0 = pad
+    return logits.scatter(1, seen, float("-inf"))
+
+
 def predict_topk(model: SeqRecommender, histories: Sequence[np.ndarray], k: int = 10, exclude_history: bool = True,
                  batch_size: int = 1024) -> np.ndarray:
     """``[N, k]`` item indices, best first, row ``i`` for ``histories[i]`` (no reordering).
@@ -155,8 +161,7 @@ def predict_topk(model: SeqRecommender, histories: Sequence[np.ndarray], k: int 
     out = np.zeros((len(histories), k), dtype=np.int64)
     for rows, logits in _batched_logits(model, histories, batch_size):
         if exclude_history:
-            seen = torch.from_numpy(pad_histories(histories[rows])).to(logits.device)  # [b, longest], 0 = pad
-            logits = logits.scatter(1, seen, float("-inf"))
+            logits = _mask_history(logits, histories[rows])
         out[rows] = logits.topk(k, dim=1).indices.cpu().numpy()
     return out
 
@@ -169,11 +174,9 @@ def predict_proba(model: SeqRecommender, histories: Sequence[np.ndarray], temper
         raise ConfigError(f"temperature must be positive, got {temperature}", field="finetune.distill_temperature")
     out = np.zeros((len(histories), model.n_items + 1), dtype=np.float32)
     for rows, logits in _batched_logits(model, histories, batch_size):
-        logits = logits.float() / temperature
-        logits[:, 0] = float("-inf")
+        logits = logits.float() / temperature  # column 0 (padding) is already -inf
         if exclude_history:
-            seen = torch.from_numpy(pad_histories(histories[rows])).to(logits.device)
-            logits = logits.scatter(1, seen, float("-inf"))
+            logits = _mask_history(logits, histories[rows])
         out[rows] = torch.softmax(logits, dim=1).cpu().numpy()
     return out
 
