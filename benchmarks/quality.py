@@ -5,6 +5,7 @@
     python benchmarks/quality.py --part ml-100k-loo-cpu                   # cpu profile, all 943 loo test users
     python benchmarks/quality.py --part ml-100k-loo                       # cpu-long profile, all 943 test users
     python benchmarks/quality.py --part ml-100k-loo-tallrec               # … then the TALLRec-style row on its base
+    python benchmarks/quality.py --part ml-100k-loo-untrained             # … the soft prompt left untrained (control)
     python benchmarks/quality.py --part beauty-loo                        # cpu-long, 1,000 sampled test users
 
 One part per invocation (each ≤ 2 hours on 2 cores); rows are merged into ``benchmarks/results/quality.json`` by
@@ -15,8 +16,9 @@ frozen candidate file — checked here by its hash. Settings (profiles) were cho
 (``benchmarks/results/learning_log.md``); nothing here is tuned on the test users.
 
 Per row: HR@1, HR@5, NDCG@5 with 95% bootstrap CIs, stage-2 training examples seen, wall seconds (train + inference
-of that model). Paired per-user tests of DELRec against the best teacher and TALLRec-style: the mean difference with
-a 95% bootstrap CI, and an exact two-sided sign test on the users where HR@1 differs.
+of that model). Paired per-user tests of DELRec against the best teacher, popularity and each variant of its part
+(TALLRec-style, zero-shot, the ablations, the untrained soft prompt): the mean difference with a 95% bootstrap CI,
+and an exact two-sided sign test on the users where HR@1 differs.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "zero_shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"], "zero-shot"),
     "no_ta": (["distill.tasks=[rps]"], "DELRec w/o TA"),
     "no_rps": (["distill.tasks=[ta]"], "DELRec w/o RPS"),
+    # the control of the soft prompt's edge over TALLRec-style: the same 20 tokens, left at their initialisation
+    "untrained": (["distill.max_steps=0"], "DELRec, untrained soft prompt"),
 }
 
 
@@ -77,6 +81,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", _LOO, ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", _LOO, ["zero_shot"]),
     "ml-100k-loo-ablations": ("ml-100k-loo", "ml-100k", _LOO, ["no_ta", "no_rps"]),
+    "ml-100k-loo-untrained": ("ml-100k-loo", "ml-100k", _LOO, ["untrained"]),
     "beauty-loo": ("beauty-loo", "amazon-beauty", _BEAUTY_LOO, []),
     "beauty-loo-tallrec": ("beauty-loo", "amazon-beauty", _BEAUTY_LOO, ["tallrec"]),
 }
@@ -268,9 +273,10 @@ def main() -> None:
               **paired(base, "DELRec", "DELRec", base, best, best)},
              {"dataset": dataset, "split": m["split"], "profile": m["profile"],
               **paired(base, "DELRec", "DELRec", base, "popularity", "popularity")}]
-    if "TALLRec-style" in runs:
-        tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
-                      **paired(base, "DELRec", "DELRec", runs["TALLRec-style"], "DELRec", "TALLRec-style")})
+    for name, run in runs.items():  # DELRec against each variant of this part (TALLRec-style, ablations…)
+        if run != base:
+            tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
+                          **paired(base, "DELRec", "DELRec", run, "DELRec", name)})
     curves = {f"{group} {name}": curve(run, name) for name, run in runs.items()}  # one curve per run, not per part
 
     # curve keys named by a part of this group (older files) give way to the group's keys

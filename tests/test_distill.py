@@ -219,3 +219,21 @@ def test_validation_candidates_may_cover_a_subset_of_users(data, tmp_path):
     with pytest.raises(ConfigError):
         distill(bb, ds, split, _topk(split), "SASRec", cfg, tmp_path / "w", valid_candidates=wrong,
                 soft_prompt_cfg=SP, progress=False)
+
+
+def test_zero_steps_keeps_the_initial_soft_prompt(data, tmp_path):
+    """distill.max_steps=0: the untrained-soft-prompt control of the benchmark — no update, the initialisation is
+    ranked on the validation users and saved as the stage's soft prompt."""
+    from delrec.llm import SoftPrompt
+
+    ds, split = data
+    bb = tiny_backbone("llama")
+    soft = distill(bb, ds, split, _topk(split), "SASRec", dataclasses.replace(SMALL, max_steps=0), tmp_path,
+                   soft_prompt_cfg=SP, progress=False)
+    init = SoftPrompt.init_for(bb, dataclasses.replace(SP, teacher="SASRec"))
+    assert torch.equal(soft.weight.detach(), init.weight.detach())
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert hist["steps"] == [] and [e["step"] for e in hist["evals"]] == [0] and "NDCG@5" in hist["evals"][0]
+    assert json.loads((tmp_path / "distill_summary.json").read_text())["best_step"] == 0
+    with pytest.raises(ConfigError):
+        DistillConfig(max_steps=-1).validate()

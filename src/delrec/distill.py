@@ -72,7 +72,9 @@ class DistillConfig:
     weight_decay: float = field(default=1e-5, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=400, metadata={"help": "linear warm-up steps"})
     total_steps: int = field(default=800, metadata={"help": "steps of the linear schedule (lr reaches 0)"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (None: total_steps)"})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "stop after this many steps (None: total_steps; 0: no training, the soft prompt stays at its "
+                "initialisation: the untrained-soft-prompt control)"})
     batch_size: int = field(default=20, metadata={"help": "examples per task per step"})
     micro_batch_size: int = field(default=4, metadata={
         "help": "examples per forward pass (gradients are accumulated; bounds memory, not the result)"})
@@ -118,8 +120,8 @@ class DistillConfig:
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
             raise bad("warmup_steps", f"must be an integer in [0, total_steps], got {self.warmup_steps!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or
-                                           not 1 <= self.max_steps <= self.total_steps):
-            raise bad("max_steps", f"must be in [1, total_steps={self.total_steps}], got {self.max_steps!r}")
+                                           not 0 <= self.max_steps <= self.total_steps):
+            raise bad("max_steps", f"must be in [0, total_steps={self.total_steps}], got {self.max_steps!r}")
         if self.grad_clip < 0:
             raise bad("grad_clip", f"must be >= 0, got {self.grad_clip!r}")
         if not isinstance(self.patience, int) or self.patience < 0:
@@ -433,6 +435,8 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
 
         bar = tqdm(total=cfg.steps, initial=state["step"], desc="stage 1 (distill)", unit="step", disable=None)
     try:
+        if cfg.steps == 0 and state["best_step"] is None:  # untrained control: keep (and rank) the initialisation
+            _evaluate_and_checkpoint(scorer, soft, opt, valid, cfg, state, history, out_dir, log)
         while state["step"] < cfg.steps and not state["stopped_early"]:
             step = state["step"]
             t0 = time.perf_counter()

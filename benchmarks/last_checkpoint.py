@@ -1,0 +1,71 @@
+"""Rank a finished run's test users with its *last* stage-2 checkpoint, not the validation-selected adapter.
+
+    python benchmarks/last_checkpoint.py runs/quality/ml-100k-loo-tallrec --against runs/quality/ml-100k-loo
+
+Two runs whose few validation users picked different steps (e.g. 1,200 vs 1,600 updates) are then also compared
+at the same number of updates. RUN is copied to ``RUN@last`` (RUN itself is not touched), the checkpoint's adapter
+is swapped in, the same frozen test candidates are ranked, and the paired per-user test against ``--against``'s
+DELRec row is printed and written to ``RUN@last/last_checkpoint.json``. Resumable: a finished copy is re-read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from delrec.io import read_json, write_json
+from quality import paired
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="a finished run folder with finetune/checkpoint/")
+    ap.add_argument("--against", type=Path, required=True, help="a run ranked on the same test candidates")
+    ap.add_argument("--name", default="TALLRec-style", help="what to call RUN's model in the paired test")
+    args = ap.parse_args()
+
+    from delrec.finetune import _load_adapter_tensors, load_adapter
+    from delrec.llm.backbone import Backbone
+    from delrec.pipeline import Run, distill_stage, evaluate_stage, report_stage
+
+    src = args.run.resolve()
+    ckpt = src / "finetune" / "checkpoint"
+    if not (ckpt / "adapter.safetensors").is_file() or not (src / "finetune" / "adapter").is_dir():
+        sys.exit(f"{src}: no finished stage 2 with a checkpoint (finetune/adapter, finetune/checkpoint)")
+    dst = src.with_name(src.name + "@last")
+    if not dst.is_dir():
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # a copy this script left half-made
+        shutil.copytree(src, tmp)
+        (tmp / "results" / "DELRec.json").unlink(missing_ok=True)
+        manifest = read_json(tmp / "manifest.json")
+        manifest["stages"].pop("evaluate", None)
+        manifest["stages"].pop("report", None)
+        write_json(tmp / "manifest.json", manifest)
+        tmp.rename(dst)
+    step = read_json(ckpt / "state.json")["step"]
+    best = read_json(src / "finetune" / "history.json").get("best_step")
+    run = Run(dst)
+    if not (run.done("evaluate") and (dst / "results" / "DELRec.json").is_file()):
+        backbone = Backbone.load(run.cfg.backbone)
+        soft = distill_stage(run, backbone)  # the finished stage 1's soft prompt, or None
+        backbone = load_adapter(backbone, dst / "finetune" / "adapter")
+        _load_adapter_tensors(backbone.model, load_file(str(dst / "finetune" / "checkpoint" / "adapter.safetensors")),
+                              ckpt)
+        evaluate_stage(run, backbone, soft)
+        report_stage(run)
+    result = {"run": str(src), "checkpoint_step": step, "selected_step": best,
+              "metrics": read_json(dst / "results" / "DELRec.json")["metrics"],
+              "paired": paired(args.against.resolve(), "DELRec", "DELRec", dst, "DELRec", f"{args.name}@{step}")}
+    write_json(dst / "last_checkpoint.json", result)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
