@@ -5,22 +5,27 @@
 Two runs whose few validation users picked different steps (e.g. 1,200 vs 1,600 updates) are then also compared
 at the same number of updates. RUN is copied to ``RUN@last`` (RUN itself is not touched), the checkpoint's adapter
 is swapped in, the same frozen test candidates are ranked, and the paired per-user test against ``--against``'s
-DELRec row is printed and written to ``RUN@last/last_checkpoint.json``. Resumable: a finished copy is re-read.
+DELRec row is printed, written to ``RUN@last/last_checkpoint.json`` and merged into
+``benchmarks/results/quality_last_checkpoint.json`` (listed by ``quality.md``). Resumable: a finished copy is re-read.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from delrec.io import read_json, write_json
-from quality import paired
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import paired  # noqa: E402  (benchmarks/quality.py, a sibling script)
 
 
 def main() -> None:
@@ -28,6 +33,8 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="a finished run folder with finetune/checkpoint/")
     ap.add_argument("--against", type=Path, required=True, help="a run ranked on the same test candidates")
     ap.add_argument("--name", default="TALLRec-style", help="what to call RUN's model in the paired test")
+    ap.add_argument("--out", type=Path, default=RESULTS / "quality_last_checkpoint.json",
+                    help="results file, one entry per run (quality.md lists them)")
     args = ap.parse_args()
 
     from delrec.finetune import _load_adapter_tensors, load_adapter
@@ -64,6 +71,10 @@ def main() -> None:
               "metrics": read_json(dst / "results" / "DELRec.json")["metrics"],
               "paired": paired(args.against.resolve(), "DELRec", "DELRec", dst, "DELRec", f"{args.name}@{step}")}
     write_json(dst / "last_checkpoint.json", result)
+    merged = read_json(args.out) if args.out.is_file() else {}
+    merged[os.path.relpath(src, ROOT)] = {"against": os.path.relpath(args.against.resolve(), ROOT), **result,
+                                          "run": os.path.relpath(src, ROOT)}
+    write_json(args.out, merged)
     print(json.dumps(result, indent=1))
 
 
