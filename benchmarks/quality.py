@@ -185,6 +185,11 @@ def curve(run: Path, name: str) -> list[dict[str, Any]]:
              "n_valid": h.get("n_valid"), **e["valid"]} for e in h["history"] if "valid" in e]
 
 
+def _deltas(d: dict[str, Any]) -> str:
+    """The ΔHR@1 and ΔNDCG@5 cells (mean [95% CI]) of a paired test's ``diff_a_minus_b``."""
+    return " | ".join(f"{d[k]['mean']:+.4f} [{d[k]['ci'][0]:+.3f}, {d[k]['ci'][1]:+.3f}]" for k in ("HR@1", "NDCG@5"))
+
+
 def table(result: dict[str, Any]) -> list[str]:
     out = ["# Quality benchmark", "", f"Generated {result['generated']} by `benchmarks/quality.py`; settings chosen on "
            "validation users only (benchmarks/results/learning_log.md). All rows of one dataset/split/profile share "
@@ -205,10 +210,8 @@ def table(result: dict[str, Any]) -> list[str]:
         for t in result["tests"]:
             d = t["diff_a_minus_b"]
             out.append(f"| {t['dataset']} | {t['split']} | {t['profile']} | {t['a']} | {t['b']} | {t['n']} | "
-                       f"{d['HR@1']['mean']:+.4f} "
-                       f"[{d['HR@1']['ci'][0]:+.3f}, {d['HR@1']['ci'][1]:+.3f}] | {d['NDCG@5']['mean']:+.4f} "
-                       f"[{d['NDCG@5']['ci'][0]:+.3f}, {d['NDCG@5']['ci'][1]:+.3f}] | "
-                       f"{t['HR@1_wins_losses'][0]}/{t['HR@1_wins_losses'][1]} | {t['sign_test_HR@1_p']:.3g} |")
+                       f"{_deltas(d)} | {t['HR@1_wins_losses'][0]}/{t['HR@1_wins_losses'][1]} | "
+                       f"{t['sign_test_HR@1_p']:.3g} |")
     last = RESULTS / "quality_last_checkpoint.json"  # benchmarks/last_checkpoint.py: runs compared at equal updates
     if last.is_file():
         out += ["", "## At equal updates: a run's last stage-2 checkpoint instead of its validation-selected one", "",
@@ -217,9 +220,7 @@ def table(result: dict[str, Any]) -> list[str]:
         for e in read_json(last).values():
             mm, d = e["metrics"], e["paired"]["diff_a_minus_b"]
             out.append(f"| {e['run']} | {e['checkpoint_step']} ({e['selected_step']}) | {mm['HR@1']['value']:.4f} | "
-                       f"{mm['HR@5']['value']:.4f} | {mm['NDCG@5']['value']:.4f} | {d['HR@1']['mean']:+.4f} "
-                       f"[{d['HR@1']['ci'][0]:+.3f}, {d['HR@1']['ci'][1]:+.3f}] | {d['NDCG@5']['mean']:+.4f} "
-                       f"[{d['NDCG@5']['ci'][0]:+.3f}, {d['NDCG@5']['ci'][1]:+.3f}] | "
+                       f"{mm['HR@5']['value']:.4f} | {mm['NDCG@5']['value']:.4f} | {_deltas(d)} | "
                        f"{e['paired']['sign_test_HR@1_p']:.3g} |")
     legacy = sorted({r["profile"] for r in result["rows"]} & set(LEGACY_PROFILES))
     if legacy:
