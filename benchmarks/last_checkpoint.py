@@ -20,7 +20,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from delrec.io import read_json, write_json
+from delrec.io import atomic_dir, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -47,15 +47,13 @@ def main() -> None:
         sys.exit(f"{src}: no finished stage 2 with a checkpoint (finetune/adapter, finetune/checkpoint)")
     dst = src.with_name(src.name + "@last")
     if not dst.is_dir():
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)  # a copy this script left half-made
-        shutil.copytree(src, tmp)
-        (tmp / "results" / "DELRec.json").unlink(missing_ok=True)
-        manifest = read_json(tmp / "manifest.json")
-        manifest["stages"].pop("evaluate", None)
-        manifest["stages"].pop("report", None)
-        write_json(tmp / "manifest.json", manifest)
-        tmp.rename(dst)
+        with atomic_dir(dst) as tmp:  # a killed copy leaves no half-made RUN@last
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            (tmp / "results" / "DELRec.json").unlink(missing_ok=True)  # the copy's own: RUN's selected-adapter row
+            manifest = read_json(tmp / "manifest.json")
+            manifest["stages"].pop("evaluate", None)
+            manifest["stages"].pop("report", None)
+            write_json(tmp / "manifest.json", manifest)
     step = read_json(ckpt / "state.json")["step"]
     best = read_json(src / "finetune" / "history.json").get("best_step")
     run = Run(dst)
