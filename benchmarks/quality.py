@@ -59,6 +59,12 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "no_rps": (["distill.tasks=[ta]"], "DELRec w/o RPS"),
     # the control of the soft prompt's edge over TALLRec-style: the same 20 tokens, left at their initialisation
     "untrained": (["distill.max_steps=0"], "DELRec, untrained soft prompt"),
+    # longer histories (learning_log P20, P23): windows and prompts of 20 items, at about the wall time of the
+    # profile's 10-item stage 2 (each update costs ~1.6x)
+    "hist20-250": (["finetune.history_len=20", "finetune.max_steps=250"], "DELRec, history 20"),
+    # ... and, at the long budget, checkpoints chosen on 256 validation users: 64 mis-picked TALLRec-style's
+    "hist20-1000": (["finetune.history_len=20", "finetune.max_steps=1000", "finetune.eval_every=250",
+                     "finetune.max_valid_examples=256"], "DELRec, history 20"),
 }
 
 
@@ -77,11 +83,14 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     # The default cpu budget on all 943 loo test users: paired tests with 10× the users of the user split.
     "ml-100k-loo-cpu": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, []),
     "ml-100k-loo-cpu-tallrec": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["tallrec"]),
+    "ml-100k-loo-cpu-hist20": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["hist20-250"]),
+    "ml-100k-loo-cpu-untrained": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["untrained"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", _LOO, []),
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", _LOO, ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", _LOO, ["zero_shot"]),
     "ml-100k-loo-ablations": ("ml-100k-loo", "ml-100k", _LOO, ["no_ta", "no_rps"]),
     "ml-100k-loo-untrained": ("ml-100k-loo", "ml-100k", _LOO, ["untrained"]),
+    "ml-100k-loo-hist20": ("ml-100k-loo", "ml-100k", _LOO, ["hist20-1000"]),
     "beauty-loo": ("beauty-loo", "amazon-beauty", _BEAUTY_LOO, []),
     "beauty-loo-tallrec": ("beauty-loo", "amazon-beauty", _BEAUTY_LOO, ["tallrec"]),
 }
@@ -297,12 +306,13 @@ def main() -> None:
     path = args.out.with_suffix(".json")
     old = read_json(path) if path.is_file() else {"rows": [], "tests": [], "parts": {}, "curves": {}}
     key = ("dataset", "split", "model", "profile")
+    pairs_now = {(t["a"], t["b"]) for t in tests}
     mine = {tuple(r[k] for k in key) for r in rows}
     result = {
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": [r for r in old["rows"] if tuple(r[k] for k in key) not in mine] + rows,
         "tests": [t for t in old["tests"] if (t["dataset"], t["split"], t["profile"]) !=
-                  (dataset, m["split"], m["profile"]) or t["b"] not in {x["b"] for x in tests}] + tests,
+                  (dataset, m["split"], m["profile"]) or (t["a"], t["b"]) not in pairs_now] + tests,
         "parts": {**old.get("parts", {}), args.part: {"wall_s_this_invocation": {k: round(v, 1) for k, v in
                                                                                  wall.items()},
                                                       "best_teacher": best, "base": os.path.relpath(base, ROOT)}},
