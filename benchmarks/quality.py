@@ -250,13 +250,25 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # one panel per run group: its runs share one validation set, so only their curves compare
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for key, pts in curves.items():
         if pts:
-            ax.plot([p["examples"] for p in pts], [p["NDCG@5"] for p in pts], marker="o", label=key)
-    ax.set_xlabel("stage-2 training examples seen")
-    ax.set_ylabel("validation NDCG@5")
-    ax.legend(fontsize=7)
+            group, name = key.split(" ", 1)
+            groups.setdefault(group, {})[name] = pts
+    cols = min(3, max(1, len(groups)))
+    rows = -(-len(groups) // cols) if groups else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (group, named) in zip(axes.flat, groups.items(), strict=False):  # spare panels stay empty
+        for name, pts in named.items():
+            ax.plot([p["examples"] for p in pts], [p["NDCG@5"] for p in pts], marker="o", label=name)
+        ax.set_title(group, fontsize=8)
+        ax.set_xlabel("stage-2 training examples seen", fontsize=8)
+        ax.set_ylabel("validation NDCG@5", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
