@@ -62,10 +62,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # longer histories (learning_log P20, P23): windows and prompts of 20 items, at about the wall time of the
     # profile's 10-item stage 2 (each update costs ~1.6x)
     "hist20-250": (["finetune.history_len=20", "finetune.max_steps=250"], "DELRec, history 20"),
-    # (max_valid_examples=256 was meant to choose checkpoints on more users, but it only caps the frozen validation
-    # candidates, which candidates.max_valid keeps to 64 users: a no-op, kept so the run folder's config matches)
-    "hist20-1000": (["finetune.history_len=20", "finetune.max_steps=1000", "finetune.eval_every=250",
-                     "finetune.max_valid_examples=256"], "DELRec, history 20"),
+    "hist20-1000": (["finetune.history_len=20", "finetune.max_steps=1000", "finetune.eval_every=250"],
+                    "DELRec, history 20"),
 }
 
 
