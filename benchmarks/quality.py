@@ -98,6 +98,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "beauty-loo-tallrec": ("beauty-loo", "amazon-beauty", _BEAUTY_LOO, ["tallrec"]),
     "beauty-loo-cpu": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, []),
     "beauty-loo-cpu-tallrec": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["tallrec"]),
+    "beauty-loo-cpu-zero-shot": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["zero_shot"]),
 }
 
 
