@@ -80,11 +80,15 @@ def main() -> None:
     rows.append(_row(args.run, "popularity", "-", pop, len(cands)))
     backbone = Backbone.load(cfg.backbone)
     soft = None
+    artifact = {"soft": run.dir / "distill" / "soft_prompt", "adapter": run.dir / "finetune" / "adapter"}
     for stage in STAGES:  # in order: each stage adds to the model of the one before
+        if stage in artifact and not artifact[stage].is_dir():  # a TALLRec-style run has no soft prompt…
+            print(f"{stage}: {artifact[stage]} absent, skipped", flush=True)
+            continue
         if stage == "soft":
-            soft = SoftPrompt.from_pretrained(run.dir / "distill" / "soft_prompt", device=backbone.device)
+            soft = SoftPrompt.from_pretrained(artifact[stage], device=backbone.device)
         if stage == "adapter":
-            backbone = load_adapter(backbone, run.dir / "finetune" / "adapter")
+            backbone = load_adapter(backbone, artifact[stage])
         if stage not in args.stages:
             continue
         for reduce in args.reduce:
