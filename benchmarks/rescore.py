@@ -19,9 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from delrec.evaluate import evaluate_llm, evaluate_scores, popularity_scores
+from delrec.data import CandidateSet, SeqDataset, Split
+from delrec.evaluate import evaluate_llm, evaluate_scores, histories_for, popularity_scores
 from delrec.io import read_json, write_json, write_text
-from delrec.pipeline import TEACHER_NAMES, Run
+from delrec.pipeline import TEACHER_NAMES, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -44,11 +45,10 @@ def table(rows: list[dict[str, Any]]) -> str:
              "| run | stage | reduce | n | HR@1 [95% CI] | HR@5 | NDCG@5 [95% CI] | s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ci = r.get("ci", {})
-        h, g = ci.get("HR@1"), ci.get("NDCG@5")
-        lines.append(f"| {r['run']} | {r['stage']} | {r['reduce']} | {r['n_valid']} | {r['HR@1']:.4f}"
-                     + (f" [{h[0]:.3f}, {h[1]:.3f}]" if h else "") + f" | {r['HR@5']:.4f} | {r['NDCG@5']:.4f}"
-                     + (f" [{g[0]:.3f}, {g[1]:.3f}]" if g else "") + f" | {r['seconds']:.0f} |")
+        h, g = r["ci"]["HR@1"], r["ci"]["NDCG@5"]
+        lines.append(f"| {r['run']} | {r['stage']} | {r['reduce']} | {r['n_valid']} | {r['HR@1']:.4f} "
+                     f"[{h[0]:.3f}, {h[1]:.3f}] | {r['HR@5']:.4f} | {r['NDCG@5']:.4f} [{g[0]:.3f}, {g[1]:.3f}] "
+                     f"| {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -64,23 +64,26 @@ def main() -> None:
     from delrec.llm.backbone import Backbone
     from delrec.llm.soft_prompt import SoftPrompt
 
-    run = Run(args.run)
-    cfg = run.cfg
-    cands = run.candidates("valid")
-    hist = run.histories("valid", cands)
-    domain = cfg.data.domain or run.dataset.domain
+    # read only: `pipeline.Run` would rewrite the folder's config.yaml and the package versions in its manifest
+    run_dir = args.run
+    cfg = load_config(run_dir / "config.yaml")
+    dataset = SeqDataset.load(run_dir / "data")
+    split = Split.from_dict(read_json(run_dir / "split.json"), dataset)
+    cands = CandidateSet.load(run_dir / "candidates" / "valid.parquet", seed=cfg.candidates.seed)
+    hist = histories_for(cands, split.examples("valid"))
+    domain = cfg.data.domain or dataset.domain
     teacher = TEACHER_NAMES[cfg.teachers.distill_from]
     json_path = args.out.with_suffix(".json")
     old = read_json(json_path)["rows"] if json_path.is_file() else []
     rows: list[dict[str, Any]] = []
 
     t0 = time.perf_counter()
-    pop = evaluate_scores(popularity_scores(run.split.train_sequences, cands.items, run.dataset.n_items), cands,
+    pop = evaluate_scores(popularity_scores(split.train_sequences, cands.items, dataset.n_items), cands,
                           seconds=time.perf_counter() - t0)
     rows.append(_row(args.run, "popularity", "-", pop, len(cands)))
     backbone = Backbone.load(cfg.backbone)
     soft = None
-    artifact = {"soft": run.dir / "distill" / "soft_prompt", "adapter": run.dir / "finetune" / "adapter"}
+    artifact = {"soft": run_dir / "distill" / "soft_prompt", "adapter": run_dir / "finetune" / "adapter"}
     for stage in STAGES:  # in order: each stage adds to the model of the one before
         if stage in artifact and not artifact[stage].is_dir():  # a TALLRec-style run has no soft prompt…
             print(f"{stage}: {artifact[stage]} absent, skipped", flush=True)
@@ -93,7 +96,7 @@ def main() -> None:
             continue
         for reduce in args.reduce:
             scoring = dataclasses.replace(cfg.scoring, reduce=reduce)
-            res = evaluate_llm(backbone, soft, run.dataset, cands, domain, teacher, cfg.finetune.history_len,
+            res = evaluate_llm(backbone, soft, dataset, cands, domain, teacher, cfg.finetune.history_len,
                                cfg.evaluate.batch_size, hist, scoring=scoring)
             rows.append(_row(args.run, stage, reduce, res, len(cands)))
             print(f"{stage:8s} {reduce:5s} HR@1 {rows[-1]['HR@1']:.4f}  NDCG@5 {rows[-1]['NDCG@5']:.4f}", flush=True)
