@@ -8,6 +8,7 @@
     python benchmarks/quality.py --part ml-100k-loo-untrained             # … the soft prompt left untrained (control)
     python benchmarks/quality.py --part beauty-loo                        # cpu-long, 1,000 sampled test users
     python benchmarks/quality.py --part beauty-loo-cpu                    # cpu profile, the same 1,000 users
+    python benchmarks/quality.py --part beauty-loo-cpu-words8             # + titles cut to 8 words
 
 One part per invocation (each ≤ 2 hours on 2 cores); rows are merged into ``benchmarks/results/quality.json`` by
 (dataset, split, model, profile) and the table ``quality.md`` plus the learning curve ``quality_curve.png`` are
@@ -65,6 +66,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "hist20-250": (["finetune.history_len=20", "finetune.max_steps=250"], "DELRec, history 20"),
     "hist20-1000": (["finetune.history_len=20", "finetune.max_steps=1000", "finetune.eval_every=250"],
                     "DELRec, history 20"),
+    # long-title catalogues: every title cut to its first 8 words (Beauty: 21.6 → 14.7 SmolLM2 tokens per title on
+    # average, the longest 255 → 122), so the same updates cost less and spend less of the loss on wording
+    "words8": (["data.preprocess.title_max_words=8"], "DELRec, titles ≤ 8 words"),
 }
 
 
@@ -99,6 +103,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "beauty-loo-cpu": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, []),
     "beauty-loo-cpu-tallrec": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["tallrec"]),
     "beauty-loo-cpu-zero-shot": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["zero_shot"]),
+    "beauty-loo-cpu-words8": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["words8"]),
 }
 
 

@@ -49,6 +49,10 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     ("  Heidi Fleiss:  Hollywood Madam (1995) ", "Heidi Fleiss: Hollywood Madam (1995)"),
     ("(500) Days of Summer", "(500) Days of Summer"),
     ("Toy Story (1995)", "Toy Story (1995)"),
+    ("Crabtree &amp; Evelyn Hand Therapy", "Crabtree & Evelyn Hand Therapy"),  # Amazon's entities are decoded
+    ("L&#39;Oreal Paris &#x27;Lash&#x27;", "L'Oreal Paris 'Lash'"),
+    ("Batman & Robin (1997)", "Batman & Robin (1997)"),  # a plain "&" (and "&c" without ";") stays
+    ("Q&A &c", "Q&A &c"),
 ])
 def test_normalize_title(raw: str, want: str) -> None:
     assert normalize_title(raw) == want

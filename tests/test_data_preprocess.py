@@ -97,7 +97,7 @@ def test_min_and_max_seq_len() -> None:
     assert rec["dropped"]["truncated_interactions"] == 6 and rec["dropped"]["filtered_interactions"] == 2
     assert rec["before"] == ds.stats() and rec["after"] == out.stats()
     assert rec["options"] == {"drop_untitled": True, "kcore": 0, "dedupe_consecutive": False, "min_seq_len": 3,
-                              "max_seq_len": 4}
+                              "max_seq_len": 4, "title_max_words": None}
     assert out.meta["files"] == ds.meta["files"]  # the loader's record is kept
     check_dense(out)
     assert preprocess(ds, PreprocessConfig(max_seq_len=None)).sequences[0].tolist() == list(range(1, 11))
@@ -120,3 +120,31 @@ def test_no_users_left_is_a_clear_error() -> None:
     with pytest.raises(DataError) as e:
         preprocess(make_ds({"a": [1, 2, 3], "b": [4, 5, 6]}), PreprocessConfig(kcore=5))
     assert e.value.field == "data.preprocess.kcore"
+
+
+def test_title_max_words_cuts_titles_and_keeps_them_distinct() -> None:
+    titles = {1: "Crabtree & Evelyn Hand Therapy, 100ml", 2: "Crabtree & Evelyn Hand Therapy, 250ml",
+              3: "Crabtree & Evelyn", 4: "Short One", 5: "Crabtree & Evelyn Hand Therapy, 100ml"}
+    ds = make_ds({"a": [1, 2, 3], "b": [4, 5, 1]}, titles=titles)
+    out = preprocess(ds, PreprocessConfig(title_max_words=3))
+    got = dict(zip(out.item_ids[1:], out.titles[1:], strict=True))
+    # "Crabtree & Evelyn" is item 3's whole title, so 1 and 2 grow until they differ; 1 and 5 stay identical
+    assert got == {"id1": "Crabtree & Evelyn Hand Therapy, 100ml", "id2": "Crabtree & Evelyn Hand Therapy, 250ml",
+                   "id3": "Crabtree & Evelyn", "id4": "Short One", "id5": "Crabtree & Evelyn Hand Therapy, 100ml"}
+    assert out.meta["preprocess"]["dropped"]["titles_cut"] == 0
+    out = preprocess(ds, PreprocessConfig(title_max_words=2))
+    assert out.titles[1:] == ["Crabtree & Evelyn Hand Therapy, 100ml", "Crabtree & Evelyn Hand Therapy, 250ml",
+                              "Crabtree & Evelyn", "Short One", "Crabtree & Evelyn Hand Therapy, 100ml"]
+    ds2 = make_ds({"a": [1, 2, 3]}, titles={1: "Nail Polish Red, Shiny", 2: "Hair Oil Argan Extra", 3: "Nail Art Kit"})
+    out = preprocess(ds2, PreprocessConfig(title_max_words=3))
+    assert out.titles[1:] == ["Nail Polish Red", "Hair Oil Argan", "Nail Art Kit"]  # trailing "," dropped
+    assert out.meta["preprocess"]["dropped"]["titles_cut"] == 2
+    assert preprocess(out, PreprocessConfig(title_max_words=3)).titles == out.titles  # idempotent
+    assert preprocess(ds2, PreprocessConfig()).titles == ds2.titles  # off by default
+
+
+def test_title_max_words_is_validated() -> None:
+    for bad in (0, -2, 2.5, True, "8"):
+        with pytest.raises(ConfigError) as e:
+            PreprocessConfig(title_max_words=bad).validate()  # type: ignore[arg-type]
+        assert e.value.field == "data.preprocess.title_max_words"

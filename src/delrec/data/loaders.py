@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import html
 import io
 import json
 import re
@@ -54,6 +55,7 @@ TITLE_FIELDS = ("movie_title", "title", "app_name", "name")  # auto-picked title
 _ARTICLES = ("The", "A", "An", "La", "Le", "Les", "L'", "Il", "Das", "Der", "Die", "Det", "El", "Los", "Las")
 _ARTICLE_RE = re.compile(r"^(?P<body>.+),\s+(?P<art>" + "|".join(re.escape(a) for a in _ARTICLES) + r")$")
 _TRAILING_GROUP_RE = re.compile(r"\s*(\([^()]*\))\s*$")
+_ENTITY_RE = re.compile(r"&(?:[A-Za-z][A-Za-z0-9]{1,31}|#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6});")
 _NO_YEAR = {"unkonwn", "unknown"}
 # Typos in RecBole's copy of ML-100K that the raw GroupLens file does not have (item 267 is "unknown" there).
 _RECBOLE_TITLE_FIXES = {"unkonwn": "unknown"}
@@ -69,13 +71,15 @@ def _move_article(text: str) -> str:
 
 
 def normalize_title(title: str, *, move_articles: bool = True) -> str:
-    """Collapse whitespace; with ``move_articles`` turn "Usual Suspects, The (1995)" into "The Usual Suspects (1995)".
+    """Decode HTML character references and collapse whitespace; with ``move_articles`` turn "Usual Suspects, The
+    (1995)" into "The Usual Suspects (1995)".
 
-    Trailing parenthesised groups (the year, an alternative title) are kept in place and an article inside an
-    alternative title is moved too: "Big Blue, The (Grand bleu, Le) (1988)" → "The Big Blue (Le Grand bleu) (1988)".
-    Idempotent.
+    Amazon's metadata keeps entities such as "Crabtree &amp; Evelyn" (~9% of Beauty's titles), which the LLM would
+    read and be scored on as written; only references that end in ";" are decoded, so a plain "&" stays. Trailing
+    parenthesised groups (the year, an alternative title) are kept in place and an article inside an alternative
+    title is moved too: "Big Blue, The (Grand bleu, Le) (1988)" → "The Big Blue (Le Grand bleu) (1988)".
     """
-    text = " ".join(title.split())
+    text = " ".join(_ENTITY_RE.sub(lambda m: html.unescape(m.group(0)), title).split())
     if not move_articles:
         return text
     groups: list[str] = []
