@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from delrec.data.splits import Split, make_split
 from delrec.distill import DistillConfig, _task_grad, distill
-from delrec.finetune import PAPER, FinetuneConfig, finetune, orthogonal_regularizer, peft_config
+from delrec.finetune import ADAPTER_DIR, PAPER, FinetuneConfig, finetune, orthogonal_regularizer, peft_config
 from delrec.io import read_json, write_json, write_text
 from delrec.llm import Backbone, SoftPrompt, SoftPromptConfig, lsr_prompt
 from delrec.llm.prompts import ScoringConfig
@@ -256,7 +256,7 @@ def run_checks(rep: Report, dev: torch.device, tmp: Path) -> None:
             frozen = all(torch.equal(base_now[n], p) for n, p in base0.items() if n in base_now)
             res = device_vs_cpu(bb, sp, titles, dev)
             return {**res, "ok": res["ok"] and all(map(math.isfinite, losses)) and frozen
-                    and all(p.device.type == dev.type for p in lora) and (out / "adapter").is_dir(),
+                    and all(p.device.type == dev.type for p in lora) and (out / ADAPTER_DIR).is_dir(),
                     "steps": len(losses), "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
                     "base_frozen": frozen, "adapter_tensors": len(lora)}
 

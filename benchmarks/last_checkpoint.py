@@ -39,11 +39,11 @@ def main() -> None:
 
     from delrec.finetune import _load_adapter_tensors, load_adapter
     from delrec.llm.backbone import Backbone
-    from delrec.pipeline import Run, distill_stage, evaluate_stage, report_stage
+    from delrec.pipeline import Run, adapter_dir, distill_stage, evaluate_stage, report_stage
 
     src = args.run.resolve()
     ckpt = src / "finetune" / "checkpoint"
-    if not (ckpt / "adapter.safetensors").is_file() or not (src / "finetune" / "adapter").is_dir():
+    if not (ckpt / "adapter.safetensors").is_file() or not adapter_dir(src).is_dir():
         sys.exit(f"{src}: no finished stage 2 with a checkpoint (finetune/adapter, finetune/checkpoint)")
     dst = src.with_name(src.name + "@last")
     if not dst.is_dir():
@@ -60,7 +60,7 @@ def main() -> None:
     if not (run.done("evaluate") and (dst / "results" / "DELRec.json").is_file()):
         backbone = Backbone.load(run.cfg.backbone)
         soft = distill_stage(run, backbone)  # the finished stage 1's soft prompt, or None
-        backbone = load_adapter(backbone, dst / "finetune" / "adapter")
+        backbone = load_adapter(backbone, adapter_dir(dst))
         _load_adapter_tensors(backbone.model, load_file(str(dst / "finetune" / "checkpoint" / "adapter.safetensors")),
                               ckpt)
         evaluate_stage(run, backbone, soft)

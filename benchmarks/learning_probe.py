@@ -75,7 +75,7 @@ def main() -> None:
     from delrec.evaluate import score_candidates
     from delrec.finetune import FinetuneConfig, finetune
     from delrec.llm.backbone import Backbone
-    from delrec.pipeline import TEACHER_NAMES, Run, profile
+    from delrec.pipeline import TEACHER_NAMES, Run, profile, soft_prompt_dir
 
     run = Run(args.base, log=lambda s: None)
     ds, split = run.dataset, run.split
@@ -102,7 +102,7 @@ def main() -> None:
     if args.soft_prompt is not None:
         from delrec.llm.soft_prompt import SoftPrompt
 
-        soft = SoftPrompt.from_pretrained(args.soft_prompt / "distill" / "soft_prompt")
+        soft = SoftPrompt.from_pretrained(soft_prompt_dir(args.soft_prompt))
     backbone = Backbone.load(run.cfg.backbone)
 
     def rank() -> tuple[dict[str, Any], float]:
@@ -120,7 +120,7 @@ def main() -> None:
     work = args.work / args.name
     t0 = time.perf_counter()
     if args.eval_only is not None:
-        from delrec.finetune import load_adapter
+        from delrec.finetune import ADAPTER_DIR, load_adapter
 
         work = args.eval_only
         hist_file = read_json(work / "history.json")
@@ -128,7 +128,7 @@ def main() -> None:
             raise SystemExit(f"{work} was trained {'without' if soft is not None else 'with'} a soft prompt; "
                              "pass --soft-prompt exactly when it was")
         cfg = dataclasses.replace(cfg, history_len=hist_file["config"]["history_len"])  # rank as it trained
-        backbone = load_adapter(backbone, work / "adapter")
+        backbone = load_adapter(backbone, work / ADAPTER_DIR)
     else:
         tmodel = None
         if cfg.distill_weight > 0:

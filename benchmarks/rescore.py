@@ -22,7 +22,7 @@ from typing import Any
 from delrec.data import CandidateSet, SeqDataset, Split
 from delrec.evaluate import evaluate_llm, evaluate_scores, histories_for, popularity_scores
 from delrec.io import read_json, write_json, write_text
-from delrec.pipeline import TEACHER_NAMES, load_config
+from delrec.pipeline import TEACHER_NAMES, adapter_dir, load_config, soft_prompt_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -83,7 +83,7 @@ def main() -> None:
     rows.append(_row(args.run, "popularity", "-", pop, len(cands)))
     backbone = Backbone.load(cfg.backbone)
     soft = None
-    artifact = {"soft": run_dir / "distill" / "soft_prompt", "adapter": run_dir / "finetune" / "adapter"}
+    artifact = {"soft": soft_prompt_dir(run_dir), "adapter": adapter_dir(run_dir)}
     for stage in STAGES:  # in order: each stage adds to the model of the one before
         if stage in artifact and not artifact[stage].is_dir():  # a TALLRec-style run has no soft prompt…
             print(f"{stage}: {artifact[stage]} absent, skipped", flush=True)

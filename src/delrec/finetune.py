@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 AdapterKind = Literal["adalora", "lora", "none"]
 Objective = Literal["candidates", "sequence"]
+ADAPTER_DIR = "adapter"  # the selected adapter inside stage 2's folder (peft `save_pretrained`)
 OBJECTIVES: tuple[str, ...] = ("candidates", "sequence")
 ADAPTERS: tuple[str, ...] = ("adalora", "lora", "none")
 METRICS: tuple[str, ...] = ("HR@1", "HR@5", "NDCG@5")
@@ -758,7 +759,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         _load_best(best_file, model)
     model.eval()
     if main:
-        with atomic_dir(out_dir / "adapter") as tmp, warnings.catch_warnings():
+        with atomic_dir(out_dir / ADAPTER_DIR) as tmp, warnings.catch_warnings():
             # AdaLoRA may prune a matrix to rank 0; peft then warns about ZeRO-3/FSDP shards, which is not the case.
             warnings.filterwarnings("ignore", message=".*have invalid shape.*")
             model.save_pretrained(str(tmp))

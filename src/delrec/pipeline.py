@@ -254,6 +254,21 @@ def _cuda() -> bool:
 TEACHER_NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser"}
 
 
+# A run folder's stage artifacts, named here once: the pipeline, `recommend` and the benchmarks all read them.
+def soft_prompt_dir(run_dir: str | Path) -> Path:
+    """The distilled soft prompt of a run folder (`SoftPrompt.from_pretrained`); absent when stage 1 is off."""
+    from delrec.distill import BEST_DIR
+
+    return Path(run_dir) / "distill" / BEST_DIR
+
+
+def adapter_dir(run_dir: str | Path) -> Path:
+    """The stage-2 adapter a run folder selected (`finetune.load_adapter`); absent when ``finetune.adapter=none``."""
+    from delrec.finetune import ADAPTER_DIR
+
+    return Path(run_dir) / "finetune" / ADAPTER_DIR
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("delrec", "torch", "transformers", "peft", "accelerate", "numpy", "pandas", "pyarrow"):
@@ -581,8 +596,8 @@ def distill_stage(run: Run, backbone: Any, log: Callable[..., None] | None = Non
         run.mark("distill", skipped="soft prompt disabled (soft_prompt.num_tokens = 0)")
         return None
     out = run.dir / "distill"
-    if run.done("distill") and (out / "soft_prompt").is_dir():
-        return SoftPrompt.from_pretrained(out / "soft_prompt", device=backbone.device)
+    if run.done("distill") and soft_prompt_dir(run.dir).is_dir():
+        return SoftPrompt.from_pretrained(soft_prompt_dir(run.dir), device=backbone.device)
     teacher = cfg.teachers.distill_from
     if cfg.distill.rps_form == "sequence":  # packed RPS: the teacher's greedy roll-out, not its top-k
         k = cfg.distill.teacher_k
@@ -609,8 +624,8 @@ def finetune_stage(run: Run, backbone: Any, soft_prompt: Any, log: Callable[...,
     if run.cfg.finetune.adapter == "none":
         run.mark("finetune", skipped="finetune.adapter = none")
         return backbone
-    if run.done("finetune") and (out / "adapter").is_dir():
-        return load_adapter(backbone, out / "adapter")
+    if run.done("finetune") and adapter_dir(run.dir).is_dir():
+        return load_adapter(backbone, adapter_dir(run.dir))
     t0 = time.perf_counter()
     teacher = None
     if run.cfg.finetune.distill_weight > 0:  # the teacher's distribution is part of stage 2's loss

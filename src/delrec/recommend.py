@@ -170,6 +170,7 @@ class DELRec:
         simply not used (e.g. a run stopped after stage 1).
         """
         from delrec.llm.backbone import Backbone, BackboneConfig
+        from delrec.pipeline import adapter_dir, soft_prompt_dir
 
         run_dir = Path(run_dir)
         settings = read_run_config(run_dir)
@@ -185,16 +186,15 @@ class DELRec:
         backbone = Backbone.load(bcfg)
 
         soft_prompt = None
-        sp_dir = run_dir / "distill" / "soft_prompt"
+        sp_dir = soft_prompt_dir(run_dir)
         if sp_dir.is_dir():
             from delrec.llm.soft_prompt import SoftPrompt
 
             soft_prompt = SoftPrompt.from_pretrained(sp_dir, device=bcfg.device)
-        adapter_dir = run_dir / "finetune" / "adapter"
-        if adapter_dir.is_dir():
+        if adapter_dir(run_dir).is_dir():
             from delrec.finetune import load_adapter
 
-            backbone = load_adapter(backbone, adapter_dir)
+            backbone = load_adapter(backbone, adapter_dir(run_dir))
         _eval(getattr(backbone, "model", None))
 
         teacher = None
@@ -206,7 +206,7 @@ class DELRec:
         scoring = _scoring(settings)
         scorer = scoring.scorer(backbone, soft_prompt)
         return cls(dataset, scorer, settings, teacher=teacher, run_dir=run_dir,
-                   has_soft_prompt=soft_prompt is not None, has_adapter=adapter_dir.is_dir(),
+                   has_soft_prompt=soft_prompt is not None, has_adapter=adapter_dir(run_dir).is_dir(),
                    backbone_name=str(bcfg.name_or_path))
 
     # --- resolving user input ------------------------------------------------------------------------------------

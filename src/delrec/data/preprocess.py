@@ -152,7 +152,7 @@ def cut_titles(titles: list[str], max_words: int) -> list[str]:
 
     while True:
         by_cut: dict[str, set[str]] = {}
-        for i, t in enumerate(titles):
+        for i in range(len(titles)):
             by_cut.setdefault(cut(i), set()).add(" ".join(words[i]))
         clash = [i for i in range(len(titles)) if len(by_cut[cut(i)]) > 1 and n[i] < len(words[i])]
         if not clash:
