@@ -9,6 +9,7 @@
     python benchmarks/quality.py --part beauty-loo                        # cpu-long, 1,000 sampled test users
     python benchmarks/quality.py --part beauty-loo-cpu                    # cpu profile, the same 1,000 users
     python benchmarks/quality.py --part beauty-loo-cpu-words8             # + titles cut to 8 words
+    python benchmarks/quality.py --part beauty-loo-cpu-words8-800         # … then 2x the stage-2 updates on it
 
 One part per invocation (each ≤ 2 hours on 2 cores); rows are merged into ``benchmarks/results/quality.json`` by
 (dataset, split, model, profile) and the table ``quality.md`` plus the learning curve ``quality_curve.png`` are
@@ -69,7 +70,12 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # long-title catalogues: every title cut to its first 8 words (Beauty: 21.6 → 14.7 SmolLM2 tokens per title on
     # average, the longest 255 → 122), so the same updates cost less and spend less of the loss on wording
     "words8": (["data.preprocess.title_max_words=8"], "DELRec, titles ≤ 8 words"),
+    # … and twice the stage-2 updates (~15,600 next-item predictions): do more exposures per item move the ranking?
+    "words8-800": (["data.preprocess.title_max_words=8", "finetune.max_steps=800"],
+                   "DELRec, titles ≤ 8 words, 800 updates"),
 }
+# a variant built on another variant's run (its data, teachers and stage 1), not the part's base
+VARIANT_REUSE: dict[str, str] = {"words8-800": "words8"}
 
 
 def _beauty() -> list[str]:
@@ -104,6 +110,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "beauty-loo-cpu-tallrec": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["tallrec"]),
     "beauty-loo-cpu-zero-shot": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["zero_shot"]),
     "beauty-loo-cpu-words8": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["words8"]),
+    "beauty-loo-cpu-words8-800": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["words8-800"]),
 }
 
 
@@ -302,12 +309,18 @@ def main() -> None:
     wall = {"base": delrec_run(base, base_over, args.reuse, log)}
     rows = rows_of(base, args.part, ["popularity", *TEACHERS, "DELRec"])
     runs = {"DELRec": base}
+    built_on: list[tuple[str, str, Path]] = []  # (variant, the variant whose run it reuses, that run)
     for v in variants:
         over, name = VARIANTS[v]
         out = args.runs / f"{group}-{v}"
-        wall[v] = delrec_run(out, base_over + over, base, log)
+        src = args.runs / f"{group}-{VARIANT_REUSE[v]}" if v in VARIANT_REUSE else base
+        if not (src / "metrics.json").is_file():
+            sys.exit(f"variant {v} builds on {src}, which is not a finished run; run its part first")
+        wall[v] = delrec_run(out, base_over + over, src, log)
         rows += rows_of(out, args.part, ["DELRec"], rename={"DELRec": name})
         runs[name] = out
+        if v in VARIANT_REUSE:
+            built_on.append((name, VARIANTS[VARIANT_REUSE[v]][1], src))
     hashes = {r["candidates_hash"] for r in rows}
     if len(hashes) != 1:
         sys.exit(f"rows of part {args.part} were ranked on different candidate files: {sorted(hashes)}")
@@ -322,6 +335,9 @@ def main() -> None:
         if run != base:
             tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
                           **paired(base, "DELRec", "DELRec", run, "DELRec", name)})
+    for name, src_name, src in built_on:  # a variant against the one it builds on: the effect of its extra change
+        tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
+                      **paired(runs[name], "DELRec", name, src, "DELRec", src_name)})
     curves = {f"{group} {name}": curve(run, name) for name, run in runs.items()}  # one curve per run, not per part
 
     # curve keys named by a part of this group (older files) give way to the group's keys
