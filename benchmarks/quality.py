@@ -73,9 +73,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # … and twice the stage-2 updates (~15,600 next-item predictions): do more exposures per item move the ranking?
     "words8-800": (["data.preprocess.title_max_words=8", "finetune.max_steps=800"],
                    "DELRec, titles ≤ 8 words, 800 updates"),
+    "words8-zero-shot": (["data.preprocess.title_max_words=8", "soft_prompt.num_tokens=0", "finetune.adapter=none"],
+                         "zero-shot, titles ≤ 8 words"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
-VARIANT_REUSE: dict[str, str] = {"words8-800": "words8"}
+VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
 
 
 def _beauty() -> list[str]:
@@ -111,6 +113,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "beauty-loo-cpu-zero-shot": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["zero_shot"]),
     "beauty-loo-cpu-words8": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["words8"]),
     "beauty-loo-cpu-words8-800": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["words8-800"]),
+    "beauty-loo-cpu-words8-zero-shot": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["words8-zero-shot"]),
 }
 
 
