@@ -131,14 +131,14 @@ def test_title_max_words_cuts_titles_and_keeps_them_distinct() -> None:
     # "Crabtree & Evelyn" is item 3's whole title, so 1 and 2 grow until they differ; 1 and 5 stay identical
     assert got == {"id1": "Crabtree & Evelyn Hand Therapy, 100ml", "id2": "Crabtree & Evelyn Hand Therapy, 250ml",
                    "id3": "Crabtree & Evelyn", "id4": "Short One", "id5": "Crabtree & Evelyn Hand Therapy, 100ml"}
-    assert out.meta["preprocess"]["dropped"]["titles_cut"] == 0
+    assert out.meta["preprocess"]["titles_cut"] == 0
     out = preprocess(ds, PreprocessConfig(title_max_words=2))
     assert out.titles[1:] == ["Crabtree & Evelyn Hand Therapy, 100ml", "Crabtree & Evelyn Hand Therapy, 250ml",
                               "Crabtree & Evelyn", "Short One", "Crabtree & Evelyn Hand Therapy, 100ml"]
     ds2 = make_ds({"a": [1, 2, 3]}, titles={1: "Nail Polish Red, Shiny", 2: "Hair Oil Argan Extra", 3: "Nail Art Kit"})
     out = preprocess(ds2, PreprocessConfig(title_max_words=3))
     assert out.titles[1:] == ["Nail Polish Red", "Hair Oil Argan", "Nail Art Kit"]  # trailing "," dropped
-    assert out.meta["preprocess"]["dropped"]["titles_cut"] == 2
+    assert out.meta["preprocess"]["titles_cut"] == 2
     assert preprocess(out, PreprocessConfig(title_max_words=3)).titles == out.titles  # idempotent
     assert preprocess(ds2, PreprocessConfig()).titles == ds2.titles  # off by default
 

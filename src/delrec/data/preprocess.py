@@ -122,10 +122,11 @@ def preprocess(ds: SeqDataset, cfg: PreprocessConfig | None = None) -> SeqDatase
                         field=f"{SECTION}.{field_name}")
 
     out = _reindex(ds, users[keep], items[keep])
+    titles_cut = 0
     if cfg.title_max_words is not None:
         full = out.titles[1:]
         out.titles = ["<pad>", *cut_titles(full, cfg.title_max_words)]
-        dropped["titles_cut"] = sum(a != b for a, b in zip(full, out.titles[1:], strict=True))
+        titles_cut = sum(a != b for a, b in zip(full, out.titles[1:], strict=True))
     out.meta = {
         **ds.meta,
         "preprocess": {
@@ -134,6 +135,7 @@ def preprocess(ds: SeqDataset, cfg: PreprocessConfig | None = None) -> SeqDatase
             "after": out.stats(),
             "dropped": dropped,
             "kcore_rounds": rounds,
+            "titles_cut": titles_cut,
         },
     }
     return out
