@@ -146,19 +146,23 @@ def cut_titles(titles: list[str], max_words: int) -> list[str]:
     different title also cuts to grows a word at a time until the two differ, so distinct titles stay distinct and
     identical titles stay identical. Idempotent for the same ``max_words``."""
     words = [t.split() for t in titles]
+    whole = [" ".join(w) for w in words]
     n = [min(len(w), max_words) for w in words]
 
     def cut(i: int) -> str:
+        if n[i] == len(words[i]):
+            return whole[i]
         text = " ".join(words[i][:n[i]])
-        return text if n[i] == len(words[i]) else text.rstrip(",;:-–/ ") or text
+        return text.rstrip(",;:-–/ ") or text
 
     while True:
+        cuts = [cut(i) for i in range(len(titles))]
         by_cut: dict[str, set[str]] = {}
-        for i in range(len(titles)):
-            by_cut.setdefault(cut(i), set()).add(" ".join(words[i]))
-        clash = [i for i in range(len(titles)) if len(by_cut[cut(i)]) > 1 and n[i] < len(words[i])]
+        for c, w in zip(cuts, whole, strict=True):
+            by_cut.setdefault(c, set()).add(w)
+        clash = [i for i, c in enumerate(cuts) if len(by_cut[c]) > 1 and n[i] < len(words[i])]
         if not clash:
-            return [cut(i) for i in range(len(titles))]
+            return cuts
         for i in clash:
             n[i] += 1
 
