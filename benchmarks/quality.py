@@ -54,6 +54,7 @@ LEGACY_PROFILES = {"cpu-2026-12-04-s1-48": "the cpu profile of 2026-12-04 (sessi
                    "cpu-2026-12-03-open": "the cpu profile of 2026-12-03: open verbalizer, 480 one-prompt stage-2 "
                                           "examples, stage 1 with 20-way RPS over 16 steps"}
 
+_WORDS8 = ["data.preprocess.title_max_words=8"]
 # setting name → (--set overrides on top of the part's base run, model name of its DELRec row)
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style"),
@@ -69,11 +70,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                     "DELRec, history 20"),
     # long-title catalogues: every title cut to its first 8 words (Beauty: 21.6 → 14.7 SmolLM2 tokens per title on
     # average, the longest 255 → 122), so the same updates cost less and spend less of the loss on wording
-    "words8": (["data.preprocess.title_max_words=8"], "DELRec, titles ≤ 8 words"),
+    "words8": (_WORDS8, "DELRec, titles ≤ 8 words"),
     # … and twice the stage-2 updates (~15,600 next-item predictions): do more exposures per item move the ranking?
-    "words8-800": (["data.preprocess.title_max_words=8", "finetune.max_steps=800"],
-                   "DELRec, titles ≤ 8 words, 800 updates"),
-    "words8-zero-shot": (["data.preprocess.title_max_words=8", "soft_prompt.num_tokens=0", "finetune.adapter=none"],
+    "words8-800": ([*_WORDS8, "finetune.max_steps=800"], "DELRec, titles ≤ 8 words, 800 updates"),
+    "words8-zero-shot": ([*_WORDS8, "soft_prompt.num_tokens=0", "finetune.adapter=none"],
                          "zero-shot, titles ≤ 8 words"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
@@ -312,7 +312,6 @@ def main() -> None:
     wall = {"base": delrec_run(base, base_over, args.reuse, log)}
     rows = rows_of(base, args.part, ["popularity", *TEACHERS, "DELRec"])
     runs = {"DELRec": base}
-    built_on: list[tuple[str, str, Path]] = []  # (variant, the variant whose run it reuses, that run)
     for v in variants:
         over, name = VARIANTS[v]
         out = args.runs / f"{group}-{v}"
@@ -322,8 +321,6 @@ def main() -> None:
         wall[v] = delrec_run(out, base_over + over, src, log)
         rows += rows_of(out, args.part, ["DELRec"], rename={"DELRec": name})
         runs[name] = out
-        if v in VARIANT_REUSE:
-            built_on.append((name, VARIANTS[VARIANT_REUSE[v]][1], src))
     hashes = {r["candidates_hash"] for r in rows}
     if len(hashes) != 1:
         sys.exit(f"rows of part {args.part} were ranked on different candidate files: {sorted(hashes)}")
@@ -338,9 +335,11 @@ def main() -> None:
         if run != base:
             tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
                           **paired(base, "DELRec", "DELRec", run, "DELRec", name)})
-    for name, src_name, src in built_on:  # a variant against the one it builds on: the effect of its extra change
+    for v in (v for v in variants if v in VARIANT_REUSE):  # a variant against the one it builds on: its extra change
+        name, src_name = VARIANTS[v][1], VARIANTS[VARIANT_REUSE[v]][1]
         tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
-                      **paired(runs[name], "DELRec", name, src, "DELRec", src_name)})
+                      **paired(runs[name], "DELRec", name, args.runs / f"{group}-{VARIANT_REUSE[v]}", "DELRec",
+                               src_name)})
     curves = {f"{group} {name}": curve(run, name) for name, run in runs.items()}  # one curve per run, not per part
 
     # curve keys named by a part of this group (older files) give way to the group's keys
