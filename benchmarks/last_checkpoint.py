@@ -39,10 +39,10 @@ def main() -> None:
 
     from delrec.finetune import _load_adapter_tensors, load_adapter
     from delrec.llm.backbone import Backbone
-    from delrec.pipeline import Run, adapter_dir, distill_stage, evaluate_stage, report_stage
+    from delrec.pipeline import Run, adapter_dir, distill_stage, evaluate_stage, finetune_checkpoint_dir, report_stage
 
     src = args.run.resolve()
-    ckpt = src / "finetune" / "checkpoint"
+    ckpt = finetune_checkpoint_dir(src)
     if not (ckpt / "adapter.safetensors").is_file() or not adapter_dir(src).is_dir():
         sys.exit(f"{src}: no finished stage 2 with a checkpoint (finetune/adapter, finetune/checkpoint)")
     dst = src.with_name(src.name + "@last")
@@ -61,7 +61,7 @@ def main() -> None:
         backbone = Backbone.load(run.cfg.backbone)
         soft = distill_stage(run, backbone)  # the finished stage 1's soft prompt, or None
         backbone = load_adapter(backbone, adapter_dir(dst))
-        _load_adapter_tensors(backbone.model, load_file(str(dst / "finetune" / "checkpoint" / "adapter.safetensors")),
+        _load_adapter_tensors(backbone.model, load_file(str(finetune_checkpoint_dir(dst) / "adapter.safetensors")),
                               ckpt)
         evaluate_stage(run, backbone, soft)
         report_stage(run)

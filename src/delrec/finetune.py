@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 AdapterKind = Literal["adalora", "lora", "none"]
 Objective = Literal["candidates", "sequence"]
 ADAPTER_DIR = "adapter"  # the selected adapter inside stage 2's folder (peft `save_pretrained`)
+CHECKPOINT_DIR = "checkpoint"  # the resumable state of the last update inside stage 2's folder
 OBJECTIVES: tuple[str, ...] = ("candidates", "sequence")
 ADAPTERS: tuple[str, ...] = ("adalora", "lora", "none")
 METRICS: tuple[str, ...] = ("HR@1", "HR@5", "NDCG@5")
@@ -601,7 +602,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     }
     if kd:
         fingerprint["teacher_model"] = _tensor_hash(teacher)
-    ckpt_dir = out_dir / "checkpoint"
+    ckpt_dir = out_dir / CHECKPOINT_DIR
     st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
                           "history": [], "finished": False, "seconds": 0.0, "predictions": 0}
     if resume and (ckpt_dir / "state.json").is_file():

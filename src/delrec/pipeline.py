@@ -269,6 +269,14 @@ def adapter_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "finetune" / ADAPTER_DIR
 
 
+def finetune_checkpoint_dir(run_dir: str | Path) -> Path:
+    """Stage 2's resumable state after its last update (``adapter.safetensors``, ``state.json``…), which may be a
+    later update than the selected adapter (`adapter_dir`)."""
+    from delrec.finetune import CHECKPOINT_DIR
+
+    return Path(run_dir) / "finetune" / CHECKPOINT_DIR
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("delrec", "torch", "transformers", "peft", "accelerate", "numpy", "pandas", "pyarrow"):
