@@ -109,7 +109,8 @@ def main() -> None:
         t0 = time.perf_counter()
         scorer = scoring.scorer(backbone, soft)
         s = score_candidates(scorer, ds, vc, hist, ds.domain, teacher, cfg.history_len, 4,
-                             soft_prompt=soft is not None, year=scoring.year, verbalizer=scoring.verbalizer)
+                             soft_prompt=soft is not None, year=scoring.year, verbalizer=scoring.verbalizer,
+                             prior_weight=scoring.prior_weight)
         ranks = ranks_from_scores(s, vc.target_pos)
         m = summarize(ranks, ci=False)
         return {**_row("llm", m), "mean_rank": round(float(ranks.mean()), 3)}, time.perf_counter() - t0

@@ -237,3 +237,30 @@ def test_zero_steps_keeps_the_initial_soft_prompt(data, tmp_path):
     assert json.loads((tmp_path / "distill_summary.json").read_text())["best_step"] == 0
     with pytest.raises(ConfigError):
         DistillConfig(max_steps=-1).validate()
+
+
+def test_stage1_validation_ranks_with_the_prior_weight(data, tmp_path):
+    """With ``scoring.prior_weight`` stage 1 picks its soft prompt on the same calibrated scores the evaluation
+    uses: each candidate's score less λ × its score after the row's prompt with an empty history."""
+    from delrec.data.splits import Example
+    from delrec.llm.prompts import ScoringConfig
+    from delrec.llm.scoring import prior_scores
+    from delrec.metrics import ndcg, ranks_from_scores
+
+    ds, split = data
+    bb = tiny_backbone("llama")
+    sc = ScoringConfig(verbalizer="next", reduce="sum", prior_weight=1.0)
+    soft = distill(bb, ds, split, _topk(split), "SASRec", dataclasses.replace(SMALL, max_steps=0), tmp_path,
+                   soft_prompt_cfg=SP, progress=False, scoring=sc)
+    got = json.loads((tmp_path / "history.json").read_text())["evals"][0]["NDCG@5"]
+    ex = split.examples("valid")
+    cs = draw_candidates(ex, ds, size=SMALL.candidate_size, seed=SMALL.seed)
+    prompts, cands, target = render_lsr(ex, cs, ds, "SASRec", SMALL.history_len, verbalizer="next")
+    empty = [Example(e.user, np.zeros(0, dtype=np.int64), e.target) for e in ex]
+    prompts0 = render_lsr(empty, cs, ds, "SASRec", SMALL.history_len, verbalizer="next")[0]
+    scorer = sc.scorer(bb, soft)
+    with torch.no_grad():
+        raw = scorer.rank(prompts, cands)
+        calibrated = raw - prior_scores(scorer, prompts0, cands)
+    assert got == pytest.approx(float(ndcg(ranks_from_scores(calibrated, target), 5).mean()), abs=1e-6)
+    assert not np.allclose(raw, calibrated)

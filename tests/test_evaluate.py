@@ -172,3 +172,53 @@ def test_chance_metrics_match_a_random_ranking() -> None:
     ranks = rng.integers(1, 21, size=200_000)  # uniform rank of the target among 20
     ndcg = np.where(ranks <= 5, 1 / np.log2(ranks + 1), 0).mean()
     assert abs(ndcg - c["NDCG@5"]) < 0.003, (ndcg, c["NDCG@5"])
+
+
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_prior_weight_subtracts_each_candidates_score_after_an_empty_history(weight: float) -> None:
+    """``scoring.prior_weight``: the LLM's score of each candidate less λ × its score after the same prompt with no
+    history — in test evaluation (evaluate_llm → score_candidates) and in `DELRec.score` alike."""
+    import dataclasses
+
+    from delrec.llm.prompts import ScoringConfig
+    from delrec.llm.scoring import TitleScorer
+    from delrec.recommend import DELRec, RunSettings
+
+    ds = tiny_dataset()
+    split = make_split(ds, "user", seed=0)
+    test = split.examples("test")
+    cs = draw_candidates(test, ds, size=6, seed=0)
+    bb = tiny_backbone("llama")
+    sp = tiny_soft_prompt()
+    hist = histories_for(cs, test)
+    sc = ScoringConfig(verbalizer="next", reduce="sum")
+    plain = evaluate_llm(bb, sp, ds, cs, "movie", "SASRec", 5, 2, hist, scoring=sc).scores
+    got = evaluate_llm(bb, sp, ds, cs, "movie", "SASRec", 5, 2, hist,
+                       scoring=dataclasses.replace(sc, prior_weight=weight)).scores
+    empty = [np.zeros(0, dtype=np.int64)] * len(cs)
+    prompts, titles = lsr_inputs(ds, empty, cs.items, "movie", "SASRec", 5, verbalizer="next")
+    assert len(set(prompts)) == 1  # unlisted candidates: one empty-history prompt for every row
+    scorer = sc.scorer(bb, sp)
+    with torch.no_grad():
+        prior = np.array([[scorer.score([p], [[t]]).item() for t in row] for p, row in zip(prompts, titles,
+                                                                                          strict=True)])
+    np.testing.assert_allclose(got, plain - weight * prior, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, plain)
+    # DELRec.score (recommend, explain, serve) calibrates the same way
+    settings = RunSettings(backbone={}, teacher_name="SASRec", history_len=5, candidates=6,
+                           scoring={"verbalizer": "next", "reduce": "sum", "prior_weight": weight})
+    rec = DELRec(ds, scorer=TitleScorer(bb, sp, reduce="sum", append_eos=sc.append_eos(bb.kind),
+                                        end_text=sc.end_text(bb.kind)),
+                 settings=settings, has_soft_prompt=True)
+    rows = [h.tolist() for h in hist]
+    np.testing.assert_allclose(rec.score(rows, cs.items.tolist()), got, rtol=1e-4, atol=1e-4)
+
+
+def test_prior_weight_must_be_in_zero_one() -> None:
+    from delrec.errors import ConfigError
+    from delrec.llm.prompts import ScoringConfig
+
+    for bad in (-0.1, 1.5, "x", True):
+        with pytest.raises(ConfigError, match="prior_weight"):
+            ScoringConfig(prior_weight=bad).validate()  # type: ignore[arg-type]
+    assert ScoringConfig(prior_weight=0.75).validate().prior_weight == 0.75

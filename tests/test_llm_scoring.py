@@ -187,3 +187,24 @@ def test_next_verbalizer_ends_each_entry_and_candidate_with_the_separator() -> N
     assert ScoringConfig(verbalizer="next", eos="never").scorer(bb).encode_title("Heat (1995)") == title[:-len(sep)]
     with pytest.raises(ValueError, match="causal"):
         ScoringConfig(verbalizer="next").scorer(tiny_backbone("t5")).sequence_scores(["x"], [["a", "b"]])
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_prior_scores_equal_each_pair_scored_alone(kind: str) -> None:
+    """`prior_scores` scores each distinct (prompt, title) once, packed C to a row; every cell equals that title
+    scored alone after its prompt, however the rows repeat prompts and titles."""
+    from delrec.llm.scoring import prior_scores
+
+    bb = tiny_backbone(kind)
+    scorer = TitleScorer(bb, None, reduce="sum", batch_size=2)
+    empty = lsr_prompt("movie", "SASRec", [], [], verbalizer="next")
+    other = lsr_prompt("movie", "SASRec", [], TITLES[:3])
+    prompts = [empty, empty, other, empty]
+    cands = [TITLES[0:3], [TITLES[2], TITLES[3], TITLES[0]], TITLES[0:3], [TITLES[10], TITLES[4], TITLES[5]]]
+    got = prior_scores(scorer, prompts, cands)
+    with torch.no_grad():
+        ref = np.array([[scorer.score([p], [[t]]).item() for t in row] for p, row in zip(prompts, cands, strict=True)])
+    assert got.shape == (4, 3)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    assert got[0, 0] == got[1, 2] and got[0, 2] == got[1, 0]  # the same pair, one score
+    assert not np.allclose(got[0], got[2])  # another prompt, another prior

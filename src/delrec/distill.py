@@ -49,7 +49,7 @@ from delrec.llm.prompts import (
     truncate_history,
 )
 from delrec.llm.prompts import render_lsr as prompts_lsr
-from delrec.llm.scoring import TitleScorer
+from delrec.llm.scoring import TitleScorer, prior_scores
 from delrec.llm.soft_prompt import SoftPrompt, SoftPromptConfig
 from delrec.metrics import hit_rate, ndcg, ranks_from_scores
 
@@ -350,11 +350,16 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 # --- evaluation --------------------------------------------------------------------------------------------------
 def evaluate_ranking(scorer: TitleScorer, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
-                     target_pos: np.ndarray, progress: bool = False) -> dict[str, float]:
-    """HR@1, HR@5, NDCG@5 (means) of the target among its candidates."""
+                     target_pos: np.ndarray, progress: bool = False,
+                     prior: tuple[Sequence[str], float] | None = None) -> dict[str, float]:
+    """HR@1, HR@5, NDCG@5 (means) of the target among its candidates. ``prior``: the rows' prompts with empty
+    histories and the weight λ of the candidates' scores after them (`ScoringConfig.prior_weight`)."""
     if not prompts:
         return {}
-    ranks = ranks_from_scores(scorer.rank(prompts, candidates, progress=progress), np.asarray(target_pos))
+    scores = scorer.rank(prompts, candidates, progress=progress)
+    if prior is not None:
+        scores = scores - prior[1] * prior_scores(scorer, prior[0], candidates)
+    ranks = ranks_from_scores(scores, np.asarray(target_pos))
     return {"HR@1": float(hit_rate(ranks, 1).mean()), "HR@5": float(hit_rate(ranks, 5).mean()),
             "NDCG@5": float(ndcg(ranks, 5).mean())}
 
@@ -416,6 +421,11 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
             raise DataError(f"no {name.upper()} training examples (TA needs sequences of >= {TA_MIN_LEN} items)",
                             field="distill.tasks")
     valid = _valid_inputs(split, dataset, valid_candidates, teacher_name, cfg, domain, year, verb)
+    prior = None  # the same rows with empty histories, when candidates are scored against their prior
+    if scoring.prior_weight and valid[0]:
+        empty = _valid_inputs(split, dataset, valid_candidates, teacher_name, cfg, domain, year, verb,
+                              empty_history=True)
+        prior = (empty[0], scoring.prior_weight)
 
     # State: fresh or resumed.
     soft = SoftPrompt.init_for(backbone, sp_cfg)
@@ -436,7 +446,7 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
         bar = tqdm(total=cfg.steps, initial=state["step"], desc="stage 1 (distill)", unit="step", disable=None)
     try:
         if cfg.steps == 0 and state["best_step"] is None:  # untrained control: keep (and rank) the initialisation
-            _evaluate_and_checkpoint(scorer, soft, opt, valid, cfg, state, history, out_dir, log)
+            _evaluate_and_checkpoint(scorer, soft, opt, valid, prior, cfg, state, history, out_dir, log)
         while state["step"] < cfg.steps and not state["stopped_early"]:
             step = state["step"]
             t0 = time.perf_counter()
@@ -477,7 +487,7 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
                 bar.update(1)
                 bar.set_postfix({k: f"{rec[k]:.3f}" for k in rec if k.startswith(("loss", "weight_"))})
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                _evaluate_and_checkpoint(scorer, soft, opt, valid, cfg, state, history, out_dir, log)
+                _evaluate_and_checkpoint(scorer, soft, opt, valid, prior, cfg, state, history, out_dir, log)
     finally:
         if bar is not None:
             bar.close()
@@ -499,7 +509,10 @@ def _cap(examples: list[Any], cap: int | None, seed: int) -> list[Any]:
 
 
 def _valid_inputs(split: Split, dataset: SeqDataset, cands: CandidateSet | None, teacher: str,
-                  cfg: DistillConfig, domain: str, year: str = "keep", verbalizer: str = "title") -> Rendered:
+                  cfg: DistillConfig, domain: str, year: str = "keep", verbalizer: str = "title",
+                  empty_history: bool = False) -> Rendered:
+    """Stage 1's validation rows (LSR prompts over the frozen candidates); ``empty_history``: the same rows with
+    no history, for the candidates' prior (`ScoringConfig.prior_weight`)."""
     examples = split.examples("valid")
     if cands is None:
         cands = draw_candidates(examples, dataset, size=cfg.candidate_size, seed=cfg.seed) if examples else None
@@ -512,6 +525,8 @@ def _valid_inputs(split: Split, dataset: SeqDataset, cands: CandidateSet | None,
         raise ConfigError(f"validation candidates name user index {missing[0]}, who is not a validation user of "
                           "this split", field="candidates")
     examples = [by_user[int(u)] for u in cands.users]
+    if empty_history:
+        examples = [Example(ex.user, np.zeros(0, dtype=np.int64), ex.target) for ex in examples]
     rendered = render_lsr(examples, cands, dataset, teacher, cfg.history_len, domain, year=year,
                           verbalizer=verbalizer)
     n = len(rendered[0]) if cfg.eval_examples is None else min(cfg.eval_examples, len(rendered[0]))
@@ -566,10 +581,10 @@ def _sequence_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro:
 
 
 def _evaluate_and_checkpoint(scorer: TitleScorer, soft: SoftPrompt, opt: torch.optim.Optimizer, valid: Rendered,
-                             cfg: DistillConfig, state: dict[str, Any], history: dict[str, Any], out_dir: Path,
-                             log: LogFn | None) -> None:
+                             prior: tuple[list[str], float] | None, cfg: DistillConfig, state: dict[str, Any],
+                             history: dict[str, Any], out_dir: Path, log: LogFn | None) -> None:
     step = state["step"]
-    metrics = evaluate_ranking(scorer, *valid)
+    metrics = evaluate_ranking(scorer, *valid, prior=prior)
     history["evals"].append({"step": step, **metrics})
     if log:
         for k, v in metrics.items():

@@ -129,8 +129,12 @@ def histories_for(candidates: CandidateSet, examples: Sequence[Example]) -> list
 def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: CandidateSet,
                      histories: Sequence[np.ndarray], domain: str, teacher_name: str, history_len: int,
                      batch_size: int, state: PartialState | None = None, desc: str = "evaluate",
-                     soft_prompt: bool = True, year: str = "keep", verbalizer: str = "title") -> np.ndarray:
+                     soft_prompt: bool = True, year: str = "keep", verbalizer: str = "title",
+                     prior_weight: float = 0.0) -> np.ndarray:
     """Score every candidate row with ``scorer`` (no grad) → [N, C], sharded over processes.
+
+    ``prior_weight`` λ > 0 subtracts λ × each candidate's score after the row's prompt with an empty history
+    (`ScoringConfig.prior_weight`; `delrec.llm.scoring.prior_scores`).
 
     Rows are ordered by prompt length before batching (less padding); each process takes every k-th batch-sized
     slice of that order and the gathered scores are put back in row order, so the result does not depend on the
@@ -174,6 +178,15 @@ def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: Candi
         local = np.concatenate([s for _, s in gathered])
     out = np.full((n, c), np.nan, dtype=np.float64)
     out[local_rows] = local
+    if prior_weight:
+        from delrec.llm.scoring import prior_scores
+
+        # Every process computes the whole prior (one score per distinct item under the unlisted verbalizers, a
+        # small share of the rows' cost), so all of them return the same calibrated scores.
+        empty = [np.zeros(0, dtype=np.int64)] * n
+        prior_prompts, prior_cands = lsr_inputs(dataset, empty, candidates.items, domain, teacher_name, history_len,
+                                                soft_prompt=soft_prompt, year=year, verbalizer=verbalizer)
+        out -= prior_weight * prior_scores(scorer, prior_prompts, prior_cands)
     return out
 
 
@@ -200,7 +213,7 @@ def evaluate_llm(backbone: Backbone, soft_prompt: SoftPrompt | None, dataset: Se
     scorer = scoring.scorer(backbone, soft_prompt)
     scores = score_candidates(scorer, dataset, candidates, histories, domain, teacher_name, history_len,
                               batch_size, state=state, soft_prompt=soft_prompt is not None, year=scoring.year,
-                              verbalizer=scoring.verbalizer)
+                              verbalizer=scoring.verbalizer, prior_weight=scoring.prior_weight)
     return evaluate_scores(scores, candidates, seconds=time.perf_counter() - start)
 
 

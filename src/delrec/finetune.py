@@ -622,7 +622,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         scores = score_candidates(scorer, dataset, valid, valid_hist, domain, teacher_name, cfg.history_len,
                                   cfg.eval_batch_size or cfg.batch_size, state=accelerator.state,
                                   desc="validate", soft_prompt=soft_prompt is not None, year=scoring.year,
-                                  verbalizer=scoring.verbalizer)
+                                  verbalizer=scoring.verbalizer, prior_weight=scoring.prior_weight)
         from delrec.metrics import ranks_from_scores
 
         ranks = ranks_from_scores(scores, valid.target_pos)

@@ -290,11 +290,18 @@ class DELRec:
 
     def score(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
               batch_size: int = 8, progress: bool = False) -> np.ndarray:
-        """[B, C] LLM scores (no grad) of each row's candidates after its history's prompt (rows share one C)."""
+        """[B, C] LLM scores (no grad) of each row's candidates after its history's prompt (rows share one C),
+        less ``scoring.prior_weight`` × their scores after an empty history, as the evaluation scores them."""
         prompts, titles = self.inputs(histories, candidates)
         self.scorer.batch_size = batch_size  # prompts per forward pass
-        scores = self.scorer.rank(prompts, titles, progress=progress)
-        return np.asarray(scores, dtype=np.float64)
+        scores = np.asarray(self.scorer.rank(prompts, titles, progress=progress), dtype=np.float64)
+        weight = _scoring(self.settings).prior_weight
+        if weight:
+            from delrec.llm.scoring import prior_scores
+
+            empty = self.inputs([[] for _ in histories], candidates)[0]
+            scores -= weight * prior_scores(self.scorer, empty, titles)
+        return scores
 
     def _truncate(self, history: Sequence[int]) -> list[int]:
         """The most recent ``history_len`` items (all of a shorter history), oldest first."""

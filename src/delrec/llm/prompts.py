@@ -99,6 +99,11 @@ class ScoringConfig:
     backbones (T5's ``</s>`` ends every target) but not causal ones (SmolLM2's EOS is a chat-turn token that never
     follows a list item).
     ``reduce``: a title's score from its token log-likelihoods — ``mean`` or ``sum`` (the title's log-probability).
+    ``prior_weight`` λ: a candidate's score minus λ × its score after the same prompt with an *empty* history — the
+    title's prior under the same model (soft prompt and adapter included), which is mostly how predictable its
+    wording is. A title's log-probability mixes "is this what the history points to" with "is this a likely string"
+    and, in catalogues of long product titles, the second swamps the first; λ = 1 is the domain-conditional PMI of
+    Holtzman et al. (2021, "Surface form competition"). Scoring only: training is unchanged.
     All of these hold for training (both stages), validation, test evaluation and recommendation alike.
     """
 
@@ -111,6 +116,7 @@ class ScoringConfig:
     eos: EosMode = "always"
     verbalizer: Verbalizer = "title"
     reduce: Reduce = "mean"
+    prior_weight: float = 0.0
 
     def validate(self) -> ScoringConfig:
         if self.year not in YEAR_MODES:
@@ -119,6 +125,9 @@ class ScoringConfig:
             raise ConfigError(f"must be auto, always or never, got {self.eos!r}", field="scoring.eos")
         if self.reduce not in REDUCTIONS:
             raise ConfigError(f"must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}", field="scoring.reduce")
+        if isinstance(self.prior_weight, bool) or not isinstance(self.prior_weight, (int, float)) or not (
+                0.0 <= self.prior_weight <= 1.0):
+            raise ConfigError(f"must be a number in [0, 1], got {self.prior_weight!r}", field="scoring.prior_weight")
         if self.verbalizer not in VERBALIZERS:
             raise ConfigError(f"must be one of {', '.join(VERBALIZERS)}, got {self.verbalizer!r}",
                               field="scoring.verbalizer")
