@@ -10,6 +10,7 @@
     python benchmarks/quality.py --part beauty-loo-cpu                    # cpu profile, the same 1,000 users
     python benchmarks/quality.py --part beauty-loo-cpu-words8             # + titles cut to 8 words
     python benchmarks/quality.py --part beauty-loo-cpu-words8-800         # … then 2x the stage-2 updates on it
+    python benchmarks/quality.py --part beauty-loo-cpu-w8-prior           # cut titles scored against their prior
 
 One part per invocation (each ≤ 2 hours on 2 cores); rows are merged into ``benchmarks/results/quality.json`` by
 (dataset, split, model, profile) and the table ``quality.md`` plus the learning curve ``quality_curve.png`` are
@@ -75,6 +76,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "words8-800": ([*_WORDS8, "finetune.max_steps=800"], "DELRec, titles ≤ 8 words, 800 updates"),
     "words8-zero-shot": ([*_WORDS8, "soft_prompt.num_tokens=0", "finetune.adapter=none"],
                          "zero-shot, titles ≤ 8 words"),
+    # the untrained LM on the group whose base cuts the titles and scores them against their prior
+    "w8-prior-zero-shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"],
+                           "zero-shot, titles ≤ 8 words, prior weight 0.75"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
 VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
@@ -92,6 +96,7 @@ _BEAUTY_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000",
 # Beauty titles are ~2x ML-100K's in tokens (~20 vs ~10), so each stage-2 update costs ~2x: the cpu-long base
 # (1,600 updates) alone would not fit a 2-hour part; the cpu profile's base and its TALLRec-style row each do.
 _BEAUTY_LOO_CPU = ["profile=cpu", *_BEAUTY_LOO[1:]]
+_BEAUTY_LOO_CPU_W8_PRIOR = [*_BEAUTY_LOO_CPU, *_WORDS8, "scoring.prior_weight=0.75"]
 PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-user": ("ml-100k-user", "ml-100k", ["profile=cpu"], []),
     "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", ["profile=cpu"], ["tallrec", "zero_shot"]),
@@ -114,7 +119,14 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "beauty-loo-cpu-words8": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["words8"]),
     "beauty-loo-cpu-words8-800": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["words8-800"]),
     "beauty-loo-cpu-words8-zero-shot": ("beauty-loo-cpu", "amazon-beauty", _BEAUTY_LOO_CPU, ["words8-zero-shot"]),
+    # Cut titles scored against their prior (λ 0.75, chosen on 256 validation prefixes of the Beauty user split:
+    # benchmarks/results/prior_weight.md) as the group's base: the same 1,000 users and candidates as beauty-loo-cpu
+    "beauty-loo-cpu-w8-prior": ("beauty-loo-cpu-w8-prior", "amazon-beauty", _BEAUTY_LOO_CPU_W8_PRIOR, []),
+    "beauty-loo-cpu-w8-prior-zero-shot": ("beauty-loo-cpu-w8-prior", "amazon-beauty", _BEAUTY_LOO_CPU_W8_PRIOR,
+                                          ["w8-prior-zero-shot"]),
 }
+# a group whose base run is itself a variant of its profile names its DELRec row after that variant
+BASE_NAMES: dict[str, str] = {"beauty-loo-cpu-w8-prior": "DELRec, titles ≤ 8 words, prior weight 0.75"}
 
 
 def delrec_run(out: Path, overrides: list[str], reuse: Path | None, log: Path) -> float:
@@ -310,8 +322,9 @@ def main() -> None:
     group, dataset, base_over, variants = PARTS[args.part]
     base = (args.base or args.runs / group).resolve()
     wall = {"base": delrec_run(base, base_over, args.reuse, log)}
-    rows = rows_of(base, args.part, ["popularity", *TEACHERS, "DELRec"])
-    runs = {"DELRec": base}
+    base_name = BASE_NAMES.get(group, "DELRec")
+    rows = rows_of(base, args.part, ["popularity", *TEACHERS, "DELRec"], rename={"DELRec": base_name})
+    runs = {base_name: base}
     for v in variants:
         over, name = VARIANTS[v]
         out = args.runs / f"{group}-{v}"
@@ -328,13 +341,13 @@ def main() -> None:
     m = read_json(base / "metrics.json")
     best = max(TEACHERS, key=lambda t: m["models"][t]["metrics"]["HR@1"]["value"])
     tests = [{"dataset": dataset, "split": m["split"], "profile": m["profile"],
-              **paired(base, "DELRec", "DELRec", base, best, best)},
+              **paired(base, "DELRec", base_name, base, best, best)},
              {"dataset": dataset, "split": m["split"], "profile": m["profile"],
-              **paired(base, "DELRec", "DELRec", base, "popularity", "popularity")}]
+              **paired(base, "DELRec", base_name, base, "popularity", "popularity")}]
     for name, run in runs.items():  # DELRec against each variant of this part (TALLRec-style, ablations…)
         if run != base:
             tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
-                          **paired(base, "DELRec", "DELRec", run, "DELRec", name)})
+                          **paired(base, "DELRec", base_name, run, "DELRec", name)})
     for v in (v for v in variants if v in VARIANT_REUSE):  # a variant against the one it builds on: its extra change
         name, src_name = VARIANTS[v][1], VARIANTS[VARIANT_REUSE[v]][1]
         tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
