@@ -826,6 +826,8 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any], model: nn.Modu
     # checkpoints from before the packed objective trained one example per prompt
     if isinstance(old.get("config"), dict):
         old["config"].setdefault("objective", "candidates")
+    if isinstance(old.get("scoring"), dict):  # … and from before scoring.prior_weight, which was 0 then
+        old["scoring"].setdefault("prior_weight", 0.0)
     def flat(d: dict[str, Any]) -> dict[str, Any]:
         return {**{k: v for k, v in d.items() if k != "config"},
                 **{f"config.{k}": v for k, v in (d.get("config") or {}).items()}}
