@@ -208,3 +208,8 @@ def test_prior_scores_equal_each_pair_scored_alone(kind: str) -> None:
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
     assert got[0, 0] == got[1, 2] and got[0, 2] == got[1, 0]  # the same pair, one score
     assert not np.allclose(got[0], got[2])  # another prompt, another prior
+    cache = {(empty, TITLES[0]): 123.0}  # a known pair is taken from the cache, the new ones are added to it
+    cached = prior_scores(scorer, prompts, cands, cache=cache)
+    assert cached[0, 0] == cached[1, 2] == 123.0 and cached[2, 0] == pytest.approx(got[2, 0])
+    np.testing.assert_allclose(cached[3], got[3], rtol=1e-6)
+    assert len(cache) == 1 + 6 + 3  # 1 given + the other 6 distinct titles after `empty` + 3 after `other`

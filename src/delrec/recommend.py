@@ -148,6 +148,7 @@ class DELRec:
                  backbone_name: str = "") -> None:
         self.dataset = dataset
         self.scorer = scorer  # delrec.llm.scoring.TitleScorer
+        self._prior_cache: dict[tuple[str, str], float] = {}  # each title's prior: the model is frozen here
         self.settings = settings
         self.teacher = teacher  # delrec.teachers.SeqRecommender or None
         self.run_dir = run_dir
@@ -300,7 +301,7 @@ class DELRec:
             from delrec.llm.scoring import prior_scores
 
             empty = self.inputs([[] for _ in histories], candidates)[0]
-            scores -= weight * prior_scores(self.scorer, empty, titles)
+            scores -= weight * prior_scores(self.scorer, empty, titles, cache=self._prior_cache)
         return scores
 
     def _truncate(self, history: Sequence[int]) -> list[int]:

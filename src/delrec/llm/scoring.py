@@ -416,16 +416,18 @@ class TitleScorer:
 
 
 def prior_scores(scorer: TitleScorer, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
-                 progress: bool = False) -> np.ndarray:
+                 progress: bool = False, cache: dict[tuple[str, str], float] | None = None) -> np.ndarray:
     """[B, C] score of each candidate after its row's prompt, each distinct (prompt, title) pair scored once.
 
     For `ScoringConfig.prior_weight`: ``prompts`` are the rows' prompts rendered with an empty history. Under the
     verbalizers that do not list the candidates every row then has the same prompt, so a catalogue item is scored
-    once however many rows hold it; the pairs are packed C to a row (the scorer's batch shape)."""
+    once however many rows hold it; the pairs are packed C to a row (the scorer's batch shape). ``cache``: scores
+    of pairs already known, filled in with the new ones — only for a model that no longer changes (`DELRec`)."""
     c = _check(prompts, candidates)
+    value: dict[tuple[str, str], float] = {} if cache is None else cache
     by_prompt: dict[str, dict[str, None]] = {}
     for p, row in zip(prompts, candidates, strict=True):
-        by_prompt.setdefault(p, {}).update(dict.fromkeys(row))
+        by_prompt.setdefault(p, {}).update(dict.fromkeys(t for t in row if (p, t) not in value))
     rows_p: list[str] = []
     rows_c: list[list[str]] = []
     for p, titles in by_prompt.items():
@@ -434,10 +436,11 @@ def prior_scores(scorer: TitleScorer, prompts: Sequence[str], candidates: Sequen
             chunk = ts[s:s + c]
             rows_p.append(p)
             rows_c.append(chunk + [chunk[0]] * (c - len(chunk)))  # pad the last row to the common width
-    with torch.no_grad():
-        flat = scorer.rank(rows_p, rows_c, progress=progress)
-    value = {(p, t): float(v) for p, row, vs in zip(rows_p, rows_c, flat, strict=True)
-             for t, v in zip(row, vs, strict=True)}
+    if rows_p:
+        with torch.no_grad():
+            flat = scorer.rank(rows_p, rows_c, progress=progress)
+        value.update({(p, t): float(v) for p, row, vs in zip(rows_p, rows_c, flat, strict=True)
+                      for t, v in zip(row, vs, strict=True)})
     return np.array([[value[(p, t)] for t in row] for p, row in zip(prompts, candidates, strict=True)],
                     dtype=np.float32)
 
