@@ -22,7 +22,7 @@ from typing import Any
 from delrec.data import CandidateSet, SeqDataset, Split
 from delrec.evaluate import evaluate_llm, evaluate_scores, histories_for, popularity_scores
 from delrec.io import read_json, write_json, write_text
-from delrec.pipeline import TEACHER_NAMES, adapter_dir, load_config, soft_prompt_dir
+from delrec.pipeline import TEACHER_NAMES, adapter_dir, chosen_prior_weight, load_config, soft_prompt_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -67,6 +67,9 @@ def main() -> None:
     # read only: `pipeline.Run` would rewrite the folder's config.yaml and the package versions in its manifest
     run_dir = args.run
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.scoring.prior_weight == "auto":  # every stage is rescored with the λ the run's test used
+        cfg = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring,
+                                                                   prior_weight=chosen_prior_weight(run_dir) or 0.0))
     dataset = SeqDataset.load(run_dir / "data")
     split = Split.from_dict(read_json(run_dir / "split.json"), dataset)
     cands = CandidateSet.load(run_dir / "candidates" / "valid.parquet", seed=cfg.candidates.seed)

@@ -222,3 +222,60 @@ def test_prior_weight_must_be_in_zero_one() -> None:
         with pytest.raises(ConfigError, match="prior_weight"):
             ScoringConfig(prior_weight=bad).validate()  # type: ignore[arg-type]
     assert ScoringConfig(prior_weight=0.75).validate().prior_weight == 0.75
+
+
+def test_choose_prior_weight_reads_every_lambda_off_one_pair_of_score_matrices() -> None:
+    """`choose_prior_weight`: the grid's λ whose ``scores − λ × prior`` ranks the targets best, the smallest on a
+    tie, with each λ's metrics."""
+    from delrec.metrics import PRIOR_GRID, choose_prior_weight, ndcg, ranks_from_scores
+
+    rng = np.random.default_rng(0)
+    target = np.zeros(50, dtype=np.int64)
+    # the negatives outscore the target only through their strong priors: any λ ≥ 0.25 ranks it first
+    prior = 10.0 + rng.normal(scale=0.1, size=(50, 6))
+    prior[:, 0] = 0.0
+    scores = prior.copy()
+    scores[:, 0] = 9.0
+    lam, table = choose_prior_weight(scores, prior, target, "NDCG@5")
+    assert set(table) == set(PRIOR_GRID)
+    for weight, m in table.items():
+        expect = ndcg(ranks_from_scores(scores - weight * prior, target), 5).mean()
+        assert m["NDCG@5"] == pytest.approx(expect)
+    assert table[0.0]["HR@1"] == 0.0 and all(table[k]["HR@1"] == 1.0 for k in PRIOR_GRID if k >= 0.25)
+    assert lam == 0.25  # the smallest of the tied best
+    # equal scores for every λ (a zero prior): the smallest λ, i.e. no calibration
+    assert choose_prior_weight(scores, np.zeros_like(prior), target)[0] == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        choose_prior_weight(scores, prior[:, :3], target)
+
+
+def test_prior_weight_auto_is_chosen_on_validation_rows_and_never_reaches_the_test_unresolved() -> None:
+    """``scoring.prior_weight=auto``: `validation_metrics` returns the metrics of the best λ (as a fixed λ would
+    score them) and the λ; the test evaluation refuses an unresolved ``auto``."""
+    import dataclasses
+
+    from delrec.errors import ConfigError
+    from delrec.evaluate import validation_metrics
+    from delrec.llm.prompts import ScoringConfig
+    from delrec.metrics import PRIOR_GRID
+
+    assert ScoringConfig(prior_weight="auto").validate().prior_weight == "auto"
+    ds = tiny_dataset()
+    split = make_split(ds, "user", seed=0)
+    valid = split.examples("valid")
+    cs = draw_candidates(valid, ds, size=6, seed=1)
+    bb = tiny_backbone("llama")
+    sp = tiny_soft_prompt()
+    hist = histories_for(cs, valid)
+    auto = ScoringConfig(verbalizer="next", reduce="sum", prior_weight="auto")
+    scorer = auto.scorer(bb, sp)
+    got = validation_metrics(scorer, ds, cs, hist, "movie", "SASRec", 5, 2, scoring=auto, metric="HR@5")
+    assert got["prior_weight"] in PRIOR_GRID and len(got["by_prior"]) == len(PRIOR_GRID)
+    fixed = {lam: validation_metrics(scorer, ds, cs, hist, "movie", "SASRec", 5, 2, metric="HR@5",
+                                     scoring=dataclasses.replace(auto, prior_weight=lam)) for lam in PRIOR_GRID}
+    for lam, m in fixed.items():
+        assert got["by_prior"][str(lam)] == pytest.approx(m["HR@5"])
+    assert got["HR@5"] == pytest.approx(max(m["HR@5"] for m in fixed.values()))
+    assert got["NDCG@5"] == pytest.approx(fixed[got["prior_weight"]]["NDCG@5"])
+    with pytest.raises(ConfigError, match="auto"):
+        evaluate_llm(bb, sp, ds, cs, "movie", "SASRec", 5, 2, hist, scoring=auto)

@@ -211,6 +211,48 @@ def test_stage2_distillation_reads_the_run_folders_teacher(setup: Path, referenc
     assert _metrics(out)["SASRec"] == _metrics(reference)["SASRec"]
 
 
+def test_prior_weight_auto_is_chosen_with_the_checkpoint_and_used_by_the_test_and_recommend(
+        setup: Path, reference: Path, tmp_path: Path) -> None:
+    """``scoring.prior_weight=auto``: stage 2 keeps the adapter and λ that rank the validation users best together;
+    the test evaluation, the report and `DELRec.from_pretrained` all use that λ. A run with no trained stage
+    chooses it on the validation users at evaluation."""
+    from delrec.metrics import PRIOR_GRID
+    from delrec.recommend import DELRec
+
+    out = tmp_path / "auto"
+    proc = subprocess.run([*_cmd(setup, out), "--reuse", str(reference), "--set", "scoring.prior_weight=auto"],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hist = read_json(out / "finetune" / "history.json")
+    evals = [e["valid"] for e in hist["history"] if "valid" in e]
+    assert evals and all(v["prior_weight"] in PRIOR_GRID for v in evals)
+    for v in evals:  # each pass's metric is its best λ's
+        assert v["NDCG@5"] == max(v["by_prior"].values()) == v["by_prior"][str(v["prior_weight"])]
+    lam = hist["best"]["prior_weight"]
+    assert read_json(out / "results" / "DELRec.json")["prior_weight"] == lam
+    assert read_json(out / "metrics.json")["models"]["DELRec"]["prior_weight"] == lam
+    assert f"less {lam:g} × its score after an empty history" in (out / "report.md").read_text(encoding="utf-8")
+    rec = DELRec.from_pretrained(out)
+    assert rec.settings.scoring["prior_weight"] == lam
+    # the run's test ranks, recomputed through recommend's scoring path
+    from delrec.metrics import ranks_from_scores
+    from delrec.pipeline import Run
+
+    run = Run(out)
+    test = run.candidates("test")
+    scores = rec.score([h.tolist() for h in run.histories("test", test)], test.items.tolist())
+    preds = pd.read_parquet(out / "predictions" / "DELRec.parquet")
+    np.testing.assert_array_equal(ranks_from_scores(scores, test.target_pos), preds["rank"].to_numpy())
+
+    bare = tmp_path / "bare"  # no soft prompt, no adapter: evaluation chooses λ for the untrained LM
+    proc = subprocess.run([*_cmd(setup, bare), "--reuse", str(reference), "--set", "scoring.prior_weight=auto",
+                           "--set", "soft_prompt.num_tokens=0", "--set", "finetune.adapter=none"],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chosen on 4 validation users" in proc.stdout + proc.stderr
+    assert read_json(bare / "results" / "DELRec.json")["prior_weight"] in PRIOR_GRID
+
+
 def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) -> None:
     from delrec.pipeline import load_config
 

@@ -51,7 +51,7 @@ from delrec.llm.prompts import (
 from delrec.llm.prompts import render_lsr as prompts_lsr
 from delrec.llm.scoring import TitleScorer, prior_scores
 from delrec.llm.soft_prompt import SoftPrompt, SoftPromptConfig
-from delrec.metrics import hit_rate, ndcg, ranks_from_scores
+from delrec.metrics import choose_prior_weight, hit_rate, ndcg, ranks_from_scores
 
 TASKS = ("ta", "rps")
 TA_MIN_LEN = 6  # items 1-4 feed the demo; the query needs items 4..n-2 (≥ 1 item), the masked n-1 and the given n
@@ -351,17 +351,28 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 # --- evaluation --------------------------------------------------------------------------------------------------
 def evaluate_ranking(scorer: TitleScorer, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                      target_pos: np.ndarray, progress: bool = False,
-                     prior: tuple[Sequence[str], float] | None = None) -> dict[str, float]:
+                     prior: tuple[Sequence[str], float | str] | None = None,
+                     metric: str = "NDCG@5") -> dict[str, Any]:
     """HR@1, HR@5, NDCG@5 (means) of the target among its candidates. ``prior``: the rows' prompts with empty
-    histories and the weight λ of the candidates' scores after them (`ScoringConfig.prior_weight`)."""
+    histories and the weight λ of the candidates' scores after them (`ScoringConfig.prior_weight`); with λ
+    ``auto``, the metrics of the grid's best λ by ``metric``, given as ``prior_weight`` (as
+    `delrec.evaluate.validation_metrics`)."""
     if not prompts:
         return {}
-    scores = scorer.rank(prompts, candidates, progress=progress)
+    scores = scorer.rank(prompts, candidates, progress=progress).astype(np.float64)
+    target_pos = np.asarray(target_pos)
+    extra: dict[str, Any] = {}
     if prior is not None:
-        scores = scores - prior[1] * prior_scores(scorer, prior[0], candidates)
-    ranks = ranks_from_scores(scores, np.asarray(target_pos))
+        prior_mat = prior_scores(scorer, prior[0], candidates)
+        if prior[1] == "auto":
+            lam, table = choose_prior_weight(scores, prior_mat, target_pos, metric)
+            extra = {"prior_weight": lam, "by_prior": {str(k): v[metric] for k, v in table.items()}}
+        else:
+            lam = float(prior[1])
+        scores = scores - lam * prior_mat
+    ranks = ranks_from_scores(scores, target_pos)
     return {"HR@1": float(hit_rate(ranks, 1).mean()), "HR@5": float(hit_rate(ranks, 5).mean()),
-            "NDCG@5": float(ndcg(ranks, 5).mean())}
+            "NDCG@5": float(ndcg(ranks, 5).mean()), **extra}
 
 
 # --- training ------------------------------------------------------------------------------------------------------
@@ -581,14 +592,15 @@ def _sequence_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro:
 
 
 def _evaluate_and_checkpoint(scorer: TitleScorer, soft: SoftPrompt, opt: torch.optim.Optimizer, valid: Rendered,
-                             prior: tuple[list[str], float] | None, cfg: DistillConfig, state: dict[str, Any],
+                             prior: tuple[list[str], float | str] | None, cfg: DistillConfig, state: dict[str, Any],
                              history: dict[str, Any], out_dir: Path, log: LogFn | None) -> None:
     step = state["step"]
-    metrics = evaluate_ranking(scorer, *valid, prior=prior)
+    metrics = evaluate_ranking(scorer, *valid, prior=prior, metric=cfg.select_metric)
     history["evals"].append({"step": step, **metrics})
     if log:
         for k, v in metrics.items():
-            log(f"stage1/valid_{k}", v, step)
+            if isinstance(v, int | float):
+                log(f"stage1/valid_{k}", v, step)
     value = metrics.get(cfg.select_metric)
     # No validation users: the latest soft prompt is the one kept.
     if value is None or state["best"] is None or value > state["best"]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from delrec.data.candidates import CandidateSet
 from delrec.data.dataset import SeqDataset
 from delrec.data.splits import Example
-from delrec.errors import DataError, DelrecError
+from delrec.errors import ConfigError, DataError, DelrecError
 from delrec.io import atomic_path
 from delrec.metrics import ranks_from_scores, summarize
 
@@ -145,6 +145,9 @@ def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: Candi
         raise DelrecError(f"{len(histories)} histories for {n} candidate rows", field="histories")
     if batch_size < 1:
         raise DelrecError(f"batch size must be at least 1, got {batch_size}", field="evaluate.batch_size")
+    if isinstance(prior_weight, str):
+        raise ConfigError(f"scoring.prior_weight={prior_weight} is chosen on the validation users "
+                          "(`validation_metrics`); pass the chosen number here", field="scoring.prior_weight")
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     prompts, cands = lsr_inputs(dataset, histories, candidates.items, domain, teacher_name, history_len,
                                 soft_prompt=soft_prompt, year=year, verbalizer=verbalizer)
@@ -179,15 +182,49 @@ def score_candidates(scorer: TitleScorer, dataset: SeqDataset, candidates: Candi
     out = np.full((n, c), np.nan, dtype=np.float64)
     out[local_rows] = local
     if prior_weight:
-        from delrec.llm.scoring import prior_scores
-
-        # Every process computes the whole prior (one score per distinct item under the unlisted verbalizers, a
-        # small share of the rows' cost), so all of them return the same calibrated scores.
-        empty = [np.zeros(0, dtype=np.int64)] * n
-        prior_prompts, prior_cands = lsr_inputs(dataset, empty, candidates.items, domain, teacher_name, history_len,
-                                                soft_prompt=soft_prompt, year=year, verbalizer=verbalizer)
-        out -= prior_weight * prior_scores(scorer, prior_prompts, prior_cands)
+        out -= prior_weight * candidate_priors(scorer, dataset, candidates, domain, teacher_name, history_len,
+                                               soft_prompt=soft_prompt, year=year, verbalizer=verbalizer)
     return out
+
+
+def candidate_priors(scorer: TitleScorer, dataset: SeqDataset, candidates: CandidateSet, domain: str,
+                     teacher_name: str, history_len: int, *, soft_prompt: bool = True, year: str = "keep",
+                     verbalizer: str = "title") -> np.ndarray:
+    """[N, C] each candidate's score after its row's prompt with an empty history (`ScoringConfig.prior_weight`).
+
+    Every process computes the whole matrix (one score per distinct item under the unlisted verbalizers, a small
+    share of the rows' cost), so all of them calibrate alike."""
+    from delrec.llm.scoring import prior_scores
+
+    empty = [np.zeros(0, dtype=np.int64)] * len(candidates)
+    prompts, cands = lsr_inputs(dataset, empty, candidates.items, domain, teacher_name, history_len,
+                                soft_prompt=soft_prompt, year=year, verbalizer=verbalizer)
+    return prior_scores(scorer, prompts, cands).astype(np.float64)
+
+
+def validation_metrics(scorer: TitleScorer, dataset: SeqDataset, candidates: CandidateSet,
+                       histories: Sequence[np.ndarray], domain: str, teacher_name: str, history_len: int,
+                       batch_size: int, *, scoring: ScoringConfig, metric: str = "NDCG@5",
+                       state: PartialState | None = None, soft_prompt: bool = True,
+                       desc: str = "validate") -> dict[str, Any]:
+    """Model-selection metrics of the rows (HR@1, HR@5, NDCG@5 means and the mean target rank).
+
+    With ``scoring.prior_weight="auto"`` they are those of the λ of `delrec.metrics.PRIOR_GRID` that ranks these rows
+    best by ``metric``, given as ``prior_weight``, with every λ's ``metric`` under ``by_prior`` — the caller keeps
+    the checkpoint and its λ together."""
+    from delrec.metrics import choose_prior_weight
+
+    auto = scoring.prior_weight == "auto"
+    kw: dict[str, Any] = {"soft_prompt": soft_prompt, "year": scoring.year, "verbalizer": scoring.verbalizer}
+    scores = score_candidates(scorer, dataset, candidates, histories, domain, teacher_name, history_len, batch_size,
+                              state=state, desc=desc, prior_weight=0.0 if auto else float(scoring.prior_weight),
+                              **kw)
+    if not auto:
+        ranks = ranks_from_scores(scores, candidates.target_pos)
+        return {**{k: v["value"] for k, v in summarize(ranks, ci=False).items()}, "mean_rank": float(ranks.mean())}
+    prior = candidate_priors(scorer, dataset, candidates, domain, teacher_name, history_len, **kw)
+    lam, table = choose_prior_weight(scores, prior, candidates.target_pos, metric)
+    return {**table[lam], "prior_weight": lam, "by_prior": {str(k): v[metric] for k, v in table.items()}}
 
 
 def evaluate_llm(backbone: Backbone, soft_prompt: SoftPrompt | None, dataset: SeqDataset, candidates: CandidateSet,
@@ -204,7 +241,6 @@ def evaluate_llm(backbone: Backbone, soft_prompt: SoftPrompt | None, dataset: Se
     from delrec.llm.prompts import ScoringConfig
 
     scoring = scoring or ScoringConfig()
-
     if state is None:
         from accelerate import PartialState
 
@@ -269,6 +305,7 @@ def compare(results: dict[str, EvalResult]) -> pd.DataFrame:
 
 __all__ = [
     "EvalResult",
+    "candidate_priors",
     "chance_metrics",
     "compare",
     "evaluate_llm",
@@ -278,4 +315,5 @@ __all__ = [
     "popularity_scores",
     "save_predictions",
     "score_candidates",
+    "validation_metrics",
 ]

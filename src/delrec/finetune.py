@@ -44,10 +44,9 @@ from delrec.data.candidates import CandidateSet, draw_candidates
 from delrec.data.dataset import SeqDataset
 from delrec.data.splits import Example, Split
 from delrec.errors import ConfigError, DataError, DelrecError
-from delrec.evaluate import histories_for, lsr_inputs, score_candidates
+from delrec.evaluate import histories_for, lsr_inputs, validation_metrics
 from delrec.io import atomic_dir, atomic_path, read_json, sha256_bytes, write_json
 from delrec.llm.title_trie import TitleTrie
-from delrec.metrics import summarize
 from delrec.teachers import SeqRecommender, predict_proba
 from delrec.teachers import score_candidates as teacher_scores
 
@@ -619,16 +618,12 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
 
     def evaluate_valid() -> dict[str, float]:
         assert valid is not None
-        scores = score_candidates(scorer, dataset, valid, valid_hist, domain, teacher_name, cfg.history_len,
-                                  cfg.eval_batch_size or cfg.batch_size, state=accelerator.state,
-                                  desc="validate", soft_prompt=soft_prompt is not None, year=scoring.year,
-                                  verbalizer=scoring.verbalizer, prior_weight=scoring.prior_weight)
-        from delrec.metrics import ranks_from_scores
-
-        ranks = ranks_from_scores(scores, valid.target_pos)
-        # The mean target rank moves before HR@1 does and, unlike the loss over near-flat mean log-likelihoods
-        # (≈ ln C even while ranks improve), reads the same for every verbalizer.
-        return {**{k: v["value"] for k, v in summarize(ranks, ci=False).items()}, "mean_rank": float(ranks.mean())}
+        # The mean target rank (in the result) moves before HR@1 does and, unlike the loss over near-flat mean
+        # log-likelihoods (≈ ln C even while ranks improve), reads the same for every verbalizer. Under
+        # prior_weight=auto the metrics are the best λ's, so the best checkpoint keeps its λ.
+        return validation_metrics(scorer, dataset, valid, valid_hist, domain, teacher_name, cfg.history_len,
+                                  cfg.eval_batch_size or cfg.batch_size, scoring=scoring, metric=cfg.select_metric,
+                                  state=accelerator.state, soft_prompt=soft_prompt is not None)
 
     def record(entry: dict[str, Any]) -> None:
         st["history"].append(entry)

@@ -277,6 +277,29 @@ def finetune_checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "finetune" / CHECKPOINT_DIR
 
 
+def chosen_prior_weight(run_dir: str | Path) -> float | None:
+    """The λ a run with ``scoring.prior_weight=auto`` chose on its validation users: the one its test metrics used
+    (``results/DELRec.json``), else the selected stage-2 adapter's, else the selected soft prompt's; None when no
+    stage has chosen one yet."""
+    from delrec.llm.soft_prompt import CONFIG_NAME
+
+    run_dir = Path(run_dir)
+    sources = [(run_dir / "results" / "DELRec.json", ())]
+    if adapter_dir(run_dir).is_dir():
+        sources.append((run_dir / "finetune" / "history.json", ("best",)))
+    sources.append((soft_prompt_dir(run_dir) / CONFIG_NAME, ("valid",)))
+    for path, keys in sources:
+        if not path.is_file():
+            continue
+        entry: Any = read_json(path)
+        for k in keys:
+            entry = entry.get(k) if isinstance(entry, dict) else None
+        value = entry.get("prior_weight") if isinstance(entry, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("delrec", "torch", "transformers", "peft", "accelerate", "numpy", "pandas", "pyarrow"):
@@ -656,16 +679,45 @@ def evaluate_stage(run: Run, backbone: Any, soft_prompt: Any) -> dict[str, Any]:
         return read_json(run.dir / "results" / "DELRec.json")
     test = run.candidates("test")
     cfg = run.cfg
-    result = evaluate_llm(backbone, soft_prompt, run.dataset, test, cfg.data.domain or run.dataset.domain,
-                          TEACHER_NAMES[cfg.teachers.distill_from], cfg.finetune.history_len,
-                          cfg.evaluate.batch_size, run.histories("test", test), scoring=cfg.scoring)
+    domain, teacher = cfg.data.domain or run.dataset.domain, TEACHER_NAMES[cfg.teachers.distill_from]
+    scoring, extra = cfg.scoring, {}
+    if scoring.prior_weight == "auto":
+        scoring = dataclasses.replace(scoring, prior_weight=_resolve_prior_weight(run, backbone, soft_prompt))
+        extra["prior_weight"] = scoring.prior_weight
+    result = evaluate_llm(backbone, soft_prompt, run.dataset, test, domain, teacher, cfg.finetune.history_len,
+                          cfg.evaluate.batch_size, run.histories("test", test), scoring=scoring)
     stages = run.manifest["stages"]
     train_s = sum(float(stages.get(s, {}).get("seconds", 0.0)) for s in ("distill", "finetune"))
-    row = _save_result(run, "DELRec", result, train_s=round(train_s, 1))
-    run.mark("evaluate", seconds=round(result.seconds, 1))
+    row = _save_result(run, "DELRec", result, train_s=round(train_s, 1), **extra)
+    run.mark("evaluate", seconds=round(result.seconds, 1), **extra)
     run.say(f"DELRec: HR@1 {row['metrics']['HR@1']['value']:.4f}  HR@5 {row['metrics']['HR@5']['value']:.4f}  "
             f"NDCG@5 {row['metrics']['NDCG@5']['value']:.4f}  ({result.seconds:.0f}s to score)")
     return row
+
+
+def _resolve_prior_weight(run: Run, backbone: Any, soft_prompt: Any) -> float:
+    """``scoring.prior_weight=auto``: the λ the selected checkpoint was chosen with, or — when no stage chose one
+    (both skipped, or trained without validation users) — the best λ on the validation users for this model."""
+    lam = chosen_prior_weight(run.dir)
+    if lam is not None:
+        run.say(f"scoring.prior_weight=auto: {lam:g}, chosen with the selected checkpoint on the validation users")
+        return lam
+    valid = run.candidates("valid")
+    if len(valid) == 0:
+        run.say("scoring.prior_weight=auto: no validation users to choose it on; using 0")
+        return 0.0
+    from delrec.evaluate import validation_metrics
+
+    cfg = run.cfg
+    metrics = validation_metrics(cfg.scoring.scorer(backbone, soft_prompt), run.dataset, valid,
+                                 run.histories("valid", valid), cfg.data.domain or run.dataset.domain,
+                                 TEACHER_NAMES[cfg.teachers.distill_from], cfg.finetune.history_len,
+                                 cfg.evaluate.batch_size, scoring=cfg.scoring, metric=cfg.finetune.select_metric,
+                                 soft_prompt=soft_prompt is not None)
+    lam = float(metrics["prior_weight"])
+    run.say(f"scoring.prior_weight=auto: {lam:g}, chosen on {len(valid)} validation users "
+            f"({cfg.finetune.select_metric} by λ: {metrics['by_prior']})")
+    return lam
 
 
 def _curve(path: Path, key: str = "loss") -> list[tuple[int, float]]:
@@ -717,7 +769,9 @@ def report_stage(run: Run) -> dict[str, Any]:
     write_report(run.dir, info, rows, images)
     metrics = {"run": str(run.dir), **{k: v for k, v in info.items() if k != "notes"},
                "models": {name: {"metrics": r["metrics"], "train_s": r.get("train_s"), "infer_s": r.get("infer_s"),
-                                 "full_ranking": r.get("full_ranking")} for name, r in rows.items()},
+                                 "full_ranking": r.get("full_ranking"),
+                                 **({"prior_weight": r["prior_weight"]} if "prior_weight" in r else {})}
+                          for name, r in rows.items()},
                "stages": run.manifest["stages"]}
     write_json(run.dir / "metrics.json", metrics)
     run.mark("report")

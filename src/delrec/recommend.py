@@ -171,10 +171,16 @@ class DELRec:
         simply not used (e.g. a run stopped after stage 1).
         """
         from delrec.llm.backbone import Backbone, BackboneConfig
-        from delrec.pipeline import adapter_dir, soft_prompt_dir
+        from delrec.pipeline import adapter_dir, chosen_prior_weight, soft_prompt_dir
 
         run_dir = Path(run_dir)
         settings = read_run_config(run_dir)
+        if settings.scoring.get("prior_weight") == "auto":  # score as the run's evaluation did
+            lam = chosen_prior_weight(run_dir)
+            if lam is None:
+                raise ConfigError("scoring.prior_weight is auto but no stage of this run has chosen it yet; finish "
+                                  "the run (`delrec run`)", file=run_dir / "config.yaml", field="scoring.prior_weight")
+            settings = dataclasses.replace(settings, scoring={**settings.scoring, "prior_weight": lam})
         dataset = SeqDataset.load(run_dir / "data")
         known = {f.name for f in dataclasses.fields(BackboneConfig)}
         bcfg = BackboneConfig(**{k: v for k, v in settings.backbone.items() if k in known})

@@ -78,6 +78,10 @@ def write_report(run_dir: Path, info: dict[str, Any], rows: dict[str, dict[str, 
         ch = info["chance"]
         lines.append(f"| chance (random order) | {ch['HR@1']:.4f} | {ch['HR@5']:.4f} | {ch['NDCG@5']:.4f} | – | – |")
     lines.append("")
+    for name, row in rows.items():
+        if row.get("prior_weight") is not None:
+            lines += [f"{name} scores each candidate less {row['prior_weight']:g} × its score after an empty history "
+                      "(`scoring.prior_weight=auto`, chosen on the validation users).", ""]
     for img in images:
         lines += [f"![{Path(img).stem}]({img})", ""]
     if info.get("notes"):

@@ -103,7 +103,12 @@ class ScoringConfig:
     title's prior under the same model (soft prompt and adapter included), which is mostly how predictable its
     wording is. A title's log-probability mixes "is this what the history points to" with "is this a likely string"
     and, in catalogues of long product titles, the second swamps the first; λ = 1 is the domain-conditional PMI of
-    Holtzman et al. (2021, "Surface form competition"). Scoring only: training is unchanged.
+    Holtzman et al. (2021, "Surface form competition"). Scoring only: training is unchanged. ``auto``: λ is chosen
+    from `delrec.metrics.PRIOR_GRID` on the validation users, jointly with the checkpoint — each validation pass
+    (stages 1 and 2) scores the candidates and their priors once and reads every λ off them; the run records the
+    chosen λ (stage 2's ``history.json``, else stage 1's soft prompt, else a validation pass at evaluation) and the
+    test evaluation and `delrec.recommend.DELRec` use it. The right λ is per catalogue (Beauty's long product
+    titles want ~0.75, MovieLens' ~0: benchmarks/results/prior_weight.md).
     All of these hold for training (both stages), validation, test evaluation and recommendation alike.
     """
 
@@ -116,7 +121,7 @@ class ScoringConfig:
     eos: EosMode = "always"
     verbalizer: Verbalizer = "title"
     reduce: Reduce = "mean"
-    prior_weight: float = 0.0
+    prior_weight: float | Literal["auto"] = 0.0
 
     def validate(self) -> ScoringConfig:
         if self.year not in YEAR_MODES:
@@ -125,9 +130,11 @@ class ScoringConfig:
             raise ConfigError(f"must be auto, always or never, got {self.eos!r}", field="scoring.eos")
         if self.reduce not in REDUCTIONS:
             raise ConfigError(f"must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}", field="scoring.reduce")
-        if isinstance(self.prior_weight, bool) or not isinstance(self.prior_weight, (int, float)) or not (
-                0.0 <= self.prior_weight <= 1.0):
-            raise ConfigError(f"must be a number in [0, 1], got {self.prior_weight!r}", field="scoring.prior_weight")
+        if self.prior_weight != "auto" and (
+                isinstance(self.prior_weight, bool) or not isinstance(self.prior_weight, (int, float))
+                or not 0.0 <= self.prior_weight <= 1.0):
+            raise ConfigError(f"must be a number in [0, 1] or auto, got {self.prior_weight!r}",
+                              field="scoring.prior_weight")
         if self.verbalizer not in VERBALIZERS:
             raise ConfigError(f"must be one of {', '.join(VERBALIZERS)}, got {self.verbalizer!r}",
                               field="scoring.verbalizer")
