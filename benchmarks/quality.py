@@ -79,6 +79,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # the untrained LM on the group whose base cuts the titles and scores them against their prior
     "w8-prior-zero-shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"],
                            "zero-shot, titles ≤ 8 words, prior weight 0.75"),
+    # the group whose base chooses λ on its validation users (scoring.prior_weight=auto)
+    "w8-auto-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, titles ≤ 8 words, prior weight auto"),
+    "w8-auto-zero-shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"],
+                          "zero-shot, titles ≤ 8 words, prior weight auto"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
 VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
@@ -97,6 +101,7 @@ _BEAUTY_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000",
 # (1,600 updates) alone would not fit a 2-hour part; the cpu profile's base and its TALLRec-style row each do.
 _BEAUTY_LOO_CPU = ["profile=cpu", *_BEAUTY_LOO[1:]]
 _BEAUTY_LOO_CPU_W8_PRIOR = [*_BEAUTY_LOO_CPU, *_WORDS8, "scoring.prior_weight=0.75"]
+_BEAUTY_LOO_CPU_W8_AUTO = [*_BEAUTY_LOO_CPU, *_WORDS8, "scoring.prior_weight=auto"]
 PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-user": ("ml-100k-user", "ml-100k", ["profile=cpu"], []),
     "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", ["profile=cpu"], ["tallrec", "zero_shot"]),
@@ -124,9 +129,16 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "beauty-loo-cpu-w8-prior": ("beauty-loo-cpu-w8-prior", "amazon-beauty", _BEAUTY_LOO_CPU_W8_PRIOR, []),
     "beauty-loo-cpu-w8-prior-zero-shot": ("beauty-loo-cpu-w8-prior", "amazon-beauty", _BEAUTY_LOO_CPU_W8_PRIOR,
                                           ["w8-prior-zero-shot"]),
+    # … with λ chosen per run on its 64 validation users instead (with the checkpoint), rows of every kind
+    "beauty-loo-cpu-w8-auto": ("beauty-loo-cpu-w8-auto", "amazon-beauty", _BEAUTY_LOO_CPU_W8_AUTO, []),
+    "beauty-loo-cpu-w8-auto-tallrec": ("beauty-loo-cpu-w8-auto", "amazon-beauty", _BEAUTY_LOO_CPU_W8_AUTO,
+                                       ["w8-auto-tallrec"]),
+    "beauty-loo-cpu-w8-auto-zero-shot": ("beauty-loo-cpu-w8-auto", "amazon-beauty", _BEAUTY_LOO_CPU_W8_AUTO,
+                                         ["w8-auto-zero-shot"]),
 }
 # a group whose base run is itself a variant of its profile names its DELRec row after that variant
-BASE_NAMES: dict[str, str] = {"beauty-loo-cpu-w8-prior": "DELRec, titles ≤ 8 words, prior weight 0.75"}
+BASE_NAMES: dict[str, str] = {"beauty-loo-cpu-w8-prior": "DELRec, titles ≤ 8 words, prior weight 0.75",
+                              "beauty-loo-cpu-w8-auto": "DELRec, titles ≤ 8 words, prior weight auto"}
 
 
 def delrec_run(out: Path, overrides: list[str], reuse: Path | None, log: Path) -> float:
@@ -181,7 +193,8 @@ def rows_of(run: Path, part: str, models: list[str], rename: dict[str, str] | No
                     "n_test": m["n_test"], "candidates_hash": m["candidates_hash"],
                     **{k: round(v["value"], 4) for k, v in row["metrics"].items()},
                     "ci": {k: [round(v["lo"], 4), round(v["hi"], 4)] for k, v in row["metrics"].items()},
-                    "wall_s": round(wall, 1)})
+                    "wall_s": round(wall, 1),
+                    **({"prior_weight": row["prior_weight"]} if "prior_weight" in row else {})})
     return out
 
 
@@ -241,7 +254,8 @@ def table(result: dict[str, Any]) -> list[str]:
     for r in result["rows"]:
         ci = r["ci"]
         seen = "–" if r["train_examples"] is None else r["train_examples"]
-        out.append(f"| {r['dataset']} | {r['split']} | {r['profile']} | {r['model']} | {r['HR@1']:.4f} "
+        chosen = f" (chose λ {r['prior_weight']:g})" if "prior_weight" in r else ""  # prior_weight=auto's pick
+        out.append(f"| {r['dataset']} | {r['split']} | {r['profile']} | {r['model']}{chosen} | {r['HR@1']:.4f} "
                    f"[{ci['HR@1'][0]:.3f}, {ci['HR@1'][1]:.3f}] | {r['HR@5']:.4f} | {r['NDCG@5']:.4f} "
                    f"[{ci['NDCG@5'][0]:.3f}, {ci['NDCG@5'][1]:.3f}] | {seen} | {r['n_test']} | {r['wall_s']:.0f} |")
     if result["tests"]:

@@ -253,6 +253,25 @@ def test_prior_weight_auto_is_chosen_with_the_checkpoint_and_used_by_the_test_an
     assert read_json(bare / "results" / "DELRec.json")["prior_weight"] in PRIOR_GRID
 
 
+def test_chosen_prior_weight_reads_the_final_models_choice(tmp_path: Path) -> None:
+    """The test's λ first; else the selected adapter's; a soft prompt's λ only when no adapter follows it (it was
+    chosen for another model)."""
+    from delrec.io import write_json
+    from delrec.llm.soft_prompt import CONFIG_NAME
+    from delrec.pipeline import adapter_dir, chosen_prior_weight, soft_prompt_dir
+
+    assert chosen_prior_weight(tmp_path) is None
+    write_json(soft_prompt_dir(tmp_path) / CONFIG_NAME, {"valid": {"NDCG@5": 0.5, "prior_weight": 0.25}})
+    assert chosen_prior_weight(tmp_path) == 0.25
+    adapter_dir(tmp_path).mkdir(parents=True)
+    write_json(tmp_path / "finetune" / "history.json", {"best": None})  # stage 2 without validation users
+    assert chosen_prior_weight(tmp_path) is None
+    write_json(tmp_path / "finetune" / "history.json", {"best": {"NDCG@5": 0.6, "prior_weight": 0.75}})
+    assert chosen_prior_weight(tmp_path) == 0.75
+    write_json(tmp_path / "results" / "DELRec.json", {"prior_weight": 1})
+    assert chosen_prior_weight(tmp_path) == 1.0
+
+
 def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) -> None:
     from delrec.pipeline import load_config
 

@@ -279,15 +279,16 @@ def finetune_checkpoint_dir(run_dir: str | Path) -> Path:
 
 def chosen_prior_weight(run_dir: str | Path) -> float | None:
     """The λ a run with ``scoring.prior_weight=auto`` chose on its validation users: the one its test metrics used
-    (``results/DELRec.json``), else the selected stage-2 adapter's, else the selected soft prompt's; None when no
-    stage has chosen one yet."""
+    (``results/DELRec.json``), else the one the final model's last trained stage chose with it — the selected
+    stage-2 adapter's, or without an adapter the selected soft prompt's; None when none has been chosen."""
     from delrec.llm.soft_prompt import CONFIG_NAME
 
     run_dir = Path(run_dir)
-    sources = [(run_dir / "results" / "DELRec.json", ())]
-    if adapter_dir(run_dir).is_dir():
+    sources: list[tuple[Path, tuple[str, ...]]] = [(run_dir / "results" / "DELRec.json", ())]
+    if adapter_dir(run_dir).is_dir():  # a soft prompt's λ was chosen without this adapter: not a fallback
         sources.append((run_dir / "finetune" / "history.json", ("best",)))
-    sources.append((soft_prompt_dir(run_dir) / CONFIG_NAME, ("valid",)))
+    else:
+        sources.append((soft_prompt_dir(run_dir) / CONFIG_NAME, ("valid",)))
     for path, keys in sources:
         if not path.is_file():
             continue
