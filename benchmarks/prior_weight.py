@@ -7,7 +7,11 @@ history (`delrec.llm.scoring.prior_scores`). This ranks the learning probe's val
 of the validation users' sequences, target + 19 negatives, seed 7 — never a test target) at λ ∈ {0, 0.25, 0.5, 0.75,
 1} with the untrained LM and, given ``--adapter`` (a learning-probe folder), with its stage-2 adapter — both with its
 own prior and with the untrained LM's. Conditional and prior scores are computed once each, so the grid is free.
-Results are merged by ``--name`` into ``benchmarks/results/prior_weight.json`` and the table ``prior_weight.md``.
+``--popularity`` adds two families that bring the items' training counts back: the LM's prior *swapped* for the
+count prior (score − λ·(prior − log(count + 1)); at λ = 1, log p(history | title) + log p(title) by Bayes, with the
+title's wording taken out but its popularity kept) and the count prior simply *added* (score + μ·log(count + 1)).
+Results are merged by ``--name`` into ``benchmarks/results/prior_weight.json`` and the table ``prior_weight.md``;
+the score matrices are kept in ``benchmarks/.work/prior_weight/<name>.npz``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path, default=None, help="a learning-probe folder with a stage-2 adapter")
     ap.add_argument("--name", default=None, help="the result's key (default: the base folder's name)")
     ap.add_argument("--n-valid", type=int, default=256)
+    ap.add_argument("--popularity", action="store_true", help="also the rows that bring the training counts back")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -70,10 +75,25 @@ def main() -> None:
     cond0, prior0 = scores(backbone)
     rows: dict[str, dict[str, float]] = {"popularity": metrics(popularity_scores(split, vc.items))}
     rows.update({f"untrained, λ {lam}": metrics(cond0 - lam * prior0) for lam in GRID})
+    log_pop = np.log(np.round(popularity_scores(split, vc.items)) + 1.0)
+    mats = {"cond0": cond0, "prior0": prior0, "log_pop": log_pop, "target_pos": vc.target_pos}
+
+    def popularity_rows(label: str, cond: np.ndarray, prior: np.ndarray) -> None:
+        if args.popularity:
+            rows.update({f"{label}, prior swapped for log popularity, λ {lam}": metrics(cond - lam * (prior - log_pop))
+                         for lam in GRID[1:]})
+            rows.update({f"{label}, + μ log popularity, μ {mu}": metrics(cond + mu * log_pop) for mu in (0.5, 1, 2)})
+
+    popularity_rows("untrained", cond0, prior0)
     if args.adapter is not None:
         cond1, prior1 = scores(load_adapter(backbone, args.adapter / ADAPTER_DIR))
+        mats.update(cond1=cond1, prior1=prior1)
         rows.update({f"stage 2, own prior, λ {lam}": metrics(cond1 - lam * prior1) for lam in GRID})
         rows.update({f"stage 2, untrained LM's prior, λ {lam}": metrics(cond1 - lam * prior0) for lam in GRID[1:]})
+        popularity_rows("stage 2", cond1, prior1)
+    work = ROOT / "benchmarks" / ".work" / "prior_weight"
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(work / f"{args.name or args.base.name}.npz", **mats)
     result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "base": str(args.base),
               "adapter": None if args.adapter is None else str(args.adapter), "n_valid": len(vc),
               "valid_candidates": vc.hash(), "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
