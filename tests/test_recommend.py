@@ -198,3 +198,28 @@ def test_training_evaluation_and_recommend_render_the_same_prompts(model: DELRec
     assert a == tuple(b) == c
     assert (verbalizer == "index") == ("(A) " in a[0][0])
     assert (verbalizer in ("open", "next")) == ("candidate set is" not in a[0][0])
+
+
+def test_a_run_with_prior_weight_auto_recommends_with_the_lambda_it_chose(tmp_path) -> None:
+    """``scoring.prior_weight=auto``: `DELRec` scores with the λ the run recorded; a run that has not chosen one
+    yet is refused with one line naming its config."""
+    import yaml
+
+    from delrec.errors import ConfigError
+    from delrec.io import write_json
+
+    run = build_tiny_run(tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    cfg["scoring"]["prior_weight"] = "auto"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    with pytest.raises(ConfigError, match="prior_weight") as e:
+        DELRec.from_pretrained(run)
+    assert e.value.file is not None and str(e.value.file).endswith("config.yaml")
+    write_json(run / "results" / "DELRec.json", {"prior_weight": 0.5})
+    rec = DELRec.from_pretrained(run)
+    assert rec.settings.scoring["prior_weight"] == 0.5
+    history, cands = [1, 2, 3], [[4, 5, 6, 7]]
+    plain = DELRec.from_pretrained(build_tiny_run(tmp_path / "plain"))
+    empty = plain.score([[]], cands)
+    np.testing.assert_allclose(rec.score([history], cands), plain.score([history], cands) - 0.5 * empty,
+                               rtol=1e-4, atol=1e-4)
