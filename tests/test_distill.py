@@ -239,12 +239,25 @@ def test_zero_steps_keeps_the_initial_soft_prompt(data, tmp_path):
         DistillConfig(max_steps=-1).validate()
 
 
+def _valid_scores_and_priors(ds, split, scorer):
+    """Stage 1's validation rows under the next verbalizer: [N, C] scores after the history and after an empty
+    one, and the target columns."""
+    from delrec.data.splits import Example
+    from delrec.llm.scoring import prior_scores
+
+    ex = split.examples("valid")
+    cs = draw_candidates(ex, ds, size=SMALL.candidate_size, seed=SMALL.seed)
+    prompts, cands, target = render_lsr(ex, cs, ds, "SASRec", SMALL.history_len, verbalizer="next")
+    empty = [Example(e.user, np.zeros(0, dtype=np.int64), e.target) for e in ex]
+    prompts0 = render_lsr(empty, cs, ds, "SASRec", SMALL.history_len, verbalizer="next")[0]
+    with torch.no_grad():
+        return scorer.rank(prompts, cands), prior_scores(scorer, prompts0, cands), target
+
+
 def test_stage1_validation_ranks_with_the_prior_weight(data, tmp_path):
     """With ``scoring.prior_weight`` stage 1 picks its soft prompt on the same calibrated scores the evaluation
     uses: each candidate's score less λ × its score after the row's prompt with an empty history."""
-    from delrec.data.splits import Example
     from delrec.llm.prompts import ScoringConfig
-    from delrec.llm.scoring import prior_scores
     from delrec.metrics import ndcg, ranks_from_scores
 
     ds, split = data
@@ -253,15 +266,8 @@ def test_stage1_validation_ranks_with_the_prior_weight(data, tmp_path):
     soft = distill(bb, ds, split, _topk(split), "SASRec", dataclasses.replace(SMALL, max_steps=0), tmp_path,
                    soft_prompt_cfg=SP, progress=False, scoring=sc)
     got = json.loads((tmp_path / "history.json").read_text())["evals"][0]["NDCG@5"]
-    ex = split.examples("valid")
-    cs = draw_candidates(ex, ds, size=SMALL.candidate_size, seed=SMALL.seed)
-    prompts, cands, target = render_lsr(ex, cs, ds, "SASRec", SMALL.history_len, verbalizer="next")
-    empty = [Example(e.user, np.zeros(0, dtype=np.int64), e.target) for e in ex]
-    prompts0 = render_lsr(empty, cs, ds, "SASRec", SMALL.history_len, verbalizer="next")[0]
-    scorer = sc.scorer(bb, soft)
-    with torch.no_grad():
-        raw = scorer.rank(prompts, cands)
-        calibrated = raw - prior_scores(scorer, prompts0, cands)
+    raw, prior, target = _valid_scores_and_priors(ds, split, sc.scorer(bb, soft))
+    calibrated = raw - prior
     assert got == pytest.approx(float(ndcg(ranks_from_scores(calibrated, target), 5).mean()), abs=1e-6)
     assert not np.allclose(raw, calibrated)
 
@@ -269,9 +275,7 @@ def test_stage1_validation_ranks_with_the_prior_weight(data, tmp_path):
 def test_stage1_chooses_the_prior_weight_with_its_soft_prompt(data, tmp_path):
     """``scoring.prior_weight=auto``: each stage-1 validation pass reports the grid's best λ, and the kept soft prompt
     records the λ it was chosen with (the run's fallback when stage 2 is off)."""
-    from delrec.data.splits import Example
     from delrec.llm.prompts import ScoringConfig
-    from delrec.llm.scoring import prior_scores
     from delrec.llm.soft_prompt import CONFIG_NAME
     from delrec.metrics import choose_prior_weight
 
@@ -281,15 +285,7 @@ def test_stage1_chooses_the_prior_weight_with_its_soft_prompt(data, tmp_path):
     soft = distill(bb, ds, split, _topk(split), "SASRec", dataclasses.replace(SMALL, max_steps=0), tmp_path,
                    soft_prompt_cfg=SP, progress=False, scoring=sc)
     ev = json.loads((tmp_path / "history.json").read_text())["evals"][0]
-    ex = split.examples("valid")
-    cs = draw_candidates(ex, ds, size=SMALL.candidate_size, seed=SMALL.seed)
-    prompts, cands, target = render_lsr(ex, cs, ds, "SASRec", SMALL.history_len, verbalizer="next")
-    empty = [Example(e.user, np.zeros(0, dtype=np.int64), e.target) for e in ex]
-    prompts0 = render_lsr(empty, cs, ds, "SASRec", SMALL.history_len, verbalizer="next")[0]
-    scorer = sc.scorer(bb, soft)
-    with torch.no_grad():
-        lam, table = choose_prior_weight(scorer.rank(prompts, cands), prior_scores(scorer, prompts0, cands), target,
-                                         SMALL.select_metric)
+    lam, table = choose_prior_weight(*_valid_scores_and_priors(ds, split, sc.scorer(bb, soft)), SMALL.select_metric)
     assert ev["prior_weight"] == lam
     assert ev["NDCG@5"] == pytest.approx(table[lam]["NDCG@5"], abs=1e-6)
     assert ev["by_prior"] == pytest.approx({str(k): v[SMALL.select_metric] for k, v in table.items()}, abs=1e-6)
