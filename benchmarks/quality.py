@@ -11,6 +11,7 @@
     python benchmarks/quality.py --part beauty-loo-cpu-words8             # + titles cut to 8 words
     python benchmarks/quality.py --part beauty-loo-cpu-words8-800         # … then 2x the stage-2 updates on it
     python benchmarks/quality.py --part beauty-loo-cpu-w8-prior           # cut titles scored against their prior
+    python benchmarks/quality.py --part beauty-loo-cpu-w8-auto            # … with λ chosen on the validation users
 
 One part per invocation (each ≤ 2 hours on 2 cores); rows are merged into ``benchmarks/results/quality.json`` by
 (dataset, split, model, profile) and the table ``quality.md`` plus the learning curve ``quality_curve.png`` are
@@ -139,6 +140,9 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
 # a group whose base run is itself a variant of its profile names its DELRec row after that variant
 BASE_NAMES: dict[str, str] = {"beauty-loo-cpu-w8-prior": "DELRec, titles ≤ 8 words, prior weight 0.75",
                               "beauty-loo-cpu-w8-auto": "DELRec, titles ≤ 8 words, prior weight auto"}
+
+# a group's base against another group's base on the same candidate file, where the two differ in one setting
+BASE_AGAINST: dict[str, list[str]] = {"beauty-loo-cpu-w8-auto": ["beauty-loo-cpu-w8-prior"]}
 
 
 def delrec_run(out: Path, overrides: list[str], reuse: Path | None, log: Path) -> float:
@@ -367,6 +371,12 @@ def main() -> None:
         tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
                       **paired(runs[name], "DELRec", name, args.runs / f"{group}-{VARIANT_REUSE[v]}", "DELRec",
                                src_name)})
+    for other in BASE_AGAINST.get(group, []):  # e.g. λ chosen on validation users against λ fixed by hand
+        other_run = args.runs / other
+        if (other_run / "metrics.json").is_file() and read_json(other_run / "metrics.json")["candidates_hash"] == \
+                m["candidates_hash"]:
+            tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
+                          **paired(base, "DELRec", base_name, other_run, "DELRec", BASE_NAMES.get(other, "DELRec"))})
     curves = {f"{group} {name}": curve(run, name) for name, run in runs.items()}  # one curve per run, not per part
 
     # curve keys named by a part of this group (older files) give way to the group's keys
