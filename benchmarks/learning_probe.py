@@ -87,7 +87,9 @@ def main() -> None:
         {"finetune": ft, "scoring": sc}[section][field] = value
     ft.setdefault("eval_every", 10**6)  # the probe's own validation below is the measurement
     cfg = FinetuneConfig.from_profile("cpu", **ft)
-    scoring = dataclasses.replace(profile("cpu").scoring, **sc).validate()  # the cpu profile's, then --set
+    # the cpu profile's, then --set; uncalibrated unless a fixed λ is set: the probe reports its rows as they rank,
+    # and choosing λ on those same rows (the profile's auto) would flatter them
+    scoring = dataclasses.replace(profile("cpu").scoring, **{"prior_weight": 0.0, **sc}).validate()
     teacher = TEACHER_NAMES[run.cfg.teachers.distill_from]
 
     vex = valid_examples(split, args.n_valid)

@@ -95,17 +95,21 @@ def _beauty() -> list[str]:
 
 # part → (group, dataset label, base overrides, variants run on top of the base). The parts of one group share one
 # base run (``--runs``/group): data, split, frozen candidates, teachers, DELRec; each part stays under 2 hours.
-_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=null"]  # every ML-100K test user
-_LOO_CPU = ["profile=cpu", "split.kind=loo", "candidates.max_test=null"]
-_BEAUTY_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000", *_beauty()]
+# The rows measured before the cpu profiles chose λ on validation users (scoring.prior_weight=auto) keep their
+# uncalibrated scoring, so a part reruns (or resumes) as it was measured.
+_UNCALIBRATED = "scoring.prior_weight=0"
+_ML_USER = ["profile=cpu", _UNCALIBRATED]
+_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=null", _UNCALIBRATED]  # every ML-100K test user
+_LOO_CPU = ["profile=cpu", "split.kind=loo", "candidates.max_test=null", _UNCALIBRATED]
+_BEAUTY_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000", *_beauty(), _UNCALIBRATED]
 # Beauty titles are ~2x ML-100K's in tokens (~20 vs ~10), so each stage-2 update costs ~2x: the cpu-long base
 # (1,600 updates) alone would not fit a 2-hour part; the cpu profile's base and its TALLRec-style row each do.
 _BEAUTY_LOO_CPU = ["profile=cpu", *_BEAUTY_LOO[1:]]
 _BEAUTY_LOO_CPU_W8_PRIOR = [*_BEAUTY_LOO_CPU, *_WORDS8, "scoring.prior_weight=0.75"]
 _BEAUTY_LOO_CPU_W8_AUTO = [*_BEAUTY_LOO_CPU, *_WORDS8, "scoring.prior_weight=auto"]
 PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
-    "ml-100k-user": ("ml-100k-user", "ml-100k", ["profile=cpu"], []),
-    "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", ["profile=cpu"], ["tallrec", "zero_shot"]),
+    "ml-100k-user": ("ml-100k-user", "ml-100k", _ML_USER, []),
+    "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", _ML_USER, ["tallrec", "zero_shot"]),
     # The default cpu budget on all 943 loo test users: paired tests with 10× the users of the user split.
     "ml-100k-loo-cpu": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, []),
     "ml-100k-loo-cpu-tallrec": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["tallrec"]),

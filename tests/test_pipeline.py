@@ -213,16 +213,14 @@ def test_stage2_distillation_reads_the_run_folders_teacher(setup: Path, referenc
 
 def test_prior_weight_auto_is_chosen_with_the_checkpoint_and_used_by_the_test_and_recommend(
         setup: Path, reference: Path, tmp_path: Path) -> None:
-    """``scoring.prior_weight=auto``: stage 2 keeps the adapter and λ that rank the validation users best together;
-    the test evaluation, the report and `DELRec.from_pretrained` all use that λ. A run with no trained stage
-    chooses it on the validation users at evaluation."""
+    """``scoring.prior_weight=auto`` (the cpu profiles'): stage 2 keeps the adapter and λ that rank the validation
+    users best together; the test evaluation, the report and `DELRec.from_pretrained` all use that λ. A run with no
+    trained stage chooses it on the validation users at evaluation."""
     from delrec.metrics import PRIOR_GRID
     from delrec.recommend import DELRec
 
-    out = tmp_path / "auto"
-    proc = subprocess.run([*_cmd(setup, out), "--reuse", str(reference), "--set", "scoring.prior_weight=auto"],
-                          env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = reference
+    assert yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["scoring"]["prior_weight"] == "auto"
     hist = read_json(out / "finetune" / "history.json")
     evals = [e["valid"] for e in hist["history"] if "valid" in e]
     assert evals and all(v["prior_weight"] in PRIOR_GRID for v in evals)
@@ -245,8 +243,8 @@ def test_prior_weight_auto_is_chosen_with_the_checkpoint_and_used_by_the_test_an
     np.testing.assert_array_equal(ranks_from_scores(scores, test.target_pos), preds["rank"].to_numpy())
 
     bare = tmp_path / "bare"  # no soft prompt, no adapter: evaluation chooses λ for the untrained LM
-    proc = subprocess.run([*_cmd(setup, bare), "--reuse", str(reference), "--set", "scoring.prior_weight=auto",
-                           "--set", "soft_prompt.num_tokens=0", "--set", "finetune.adapter=none"],
+    proc = subprocess.run([*_cmd(setup, bare), "--reuse", str(reference), "--set", "soft_prompt.num_tokens=0",
+                           "--set", "finetune.adapter=none"],
                           env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "chosen on 4 validation users" in proc.stdout + proc.stderr
@@ -282,6 +280,7 @@ def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) ->
     assert cfg.scoring.reduce == "sum" and cfg.evaluate.batch_size == 2  # the test metrics' setting wins
     assert cfg.scoring.verbalizer == "title"  # what every older version did, not the cpu profile's new default
     assert load_config().scoring.verbalizer == "next"
+    assert load_config().scoring.prior_weight == "auto"
     # a resolved config of the version before the packed forms: its open verbalizer trains as it did
     resolved = tmp_path / "resolved.yaml"
     written = {k: {} for k in ("data", "split", "candidates", "teachers", "backbone", "soft_prompt", "evaluate")}
@@ -289,6 +288,7 @@ def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) ->
                                         "distill": {"fixed_weights": [0.5, 0.5]}}), encoding="utf-8")
     cfg = load_config(resolved)
     assert (cfg.finetune.objective, cfg.distill.rps_form) == ("candidates", "candidates")
+    assert cfg.scoring.prior_weight == 0.0  # resolved before the key existed: uncalibrated, as it ran
     # a user's own config that names a few sections keeps the profile's packed forms
     assert load_config(overrides=["distill.fixed_weights=[0.3, 0.7]"]).distill.rps_form == "sequence"
     from delrec.errors import ConfigError

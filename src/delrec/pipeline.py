@@ -160,9 +160,12 @@ def profile(name: str) -> RunConfig:
         # log-likelihood (the LM's probability of the title): once trained on packed windows this ranks above the
         # per-token mean (the same adapter: HR@1 0.325 vs 0.26, NDCG@5 0.543 vs 0.510; P14, P17), though below it
         # untrained (0.366 vs 0.427). The `paper` profile keeps the paper's listed candidate set.
+        # prior_weight=auto: λ chosen with each checkpoint on the validation users. ML-100K user split: λ 0 at every
+        # pass, stages 1–2 + test +43 s (3%); Amazon Beauty loo (titles ≤ 8 words): λ 1, test HR@1 0.134 → 0.249
+        # (benchmarks/results/quality.md). Under `next` the prior is one score per distinct item per pass.
         cfg = RunConfig(profile=name, soft_prompt=SoftPromptConfig(num_tokens=20), distill=distill,  # type: ignore[arg-type]
                         finetune=FinetuneConfig.from_profile(name),
-                        scoring=ScoringConfig(verbalizer="next", reduce="sum"))
+                        scoring=ScoringConfig(verbalizer="next", reduce="sum", prior_weight="auto"))
         # ML-100K user split on 2 cores: 8–26 s per epoch, best validation epoch within the first ~5 (benchmarks/
         # results/teachers.md), so 10 epochs with patience 3 keeps all three teachers under ~8 minutes.
         for m in MODELS:
@@ -225,6 +228,9 @@ def _migrate(merged: dict[str, Any]) -> dict[str, Any]:
         merged = deep_merge(merged, {"finetune": {"objective": "candidates"}})
     if resolved and isinstance(dis, dict) and "rps_form" not in dis:
         merged = deep_merge(merged, {"distill": {"rps_form": "candidates"}})
+    scoring = merged.get("scoring")
+    if resolved and isinstance(scoring, dict) and "prior_weight" not in scoring:  # before the key: no calibration
+        merged = deep_merge(merged, {"scoring": {"prior_weight": 0.0}})
     old = {sec: merged[sec].pop("length_norm") for sec in ("distill", "finetune", "evaluate")
            if isinstance(merged.get(sec), dict) and "length_norm" in merged[sec]}
     if not old:
