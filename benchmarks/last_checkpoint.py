@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="a finished run folder with finetune/checkpoint/")
     ap.add_argument("--against", type=Path, required=True, help="a run ranked on the same test candidates")
     ap.add_argument("--name", default="TALLRec-style", help="what to call RUN's model in the paired test")
+    ap.add_argument("--against-name", default="DELRec", help="what to call --against's model in the paired test")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality_last_checkpoint.json",
                     help="results file, one entry per run (quality.md lists them)")
     args = ap.parse_args()
@@ -54,6 +55,13 @@ def main() -> None:
             manifest["stages"].pop("evaluate", None)
             manifest["stages"].pop("report", None)
             write_json(tmp / "manifest.json", manifest)
+            # the copy's adapter is the last checkpoint: its validation entry is the copy's "best" (under
+            # scoring.prior_weight=auto the test then uses the λ chosen at that checkpoint)
+            hist = read_json(tmp / "finetune" / "history.json")
+            last = [e for e in hist["history"] if "valid" in e]
+            if last:
+                hist["best"], hist["best_step"] = last[-1]["valid"], last[-1]["step"]
+            write_json(tmp / "finetune" / "history.json", hist)
     step = read_json(ckpt / "state.json")["step"]
     best = read_json(src / "finetune" / "history.json").get("best_step")
     run = Run(dst)
@@ -67,7 +75,8 @@ def main() -> None:
         report_stage(run)
     result = {"run": str(src), "checkpoint_step": step, "selected_step": best,
               "metrics": read_json(dst / "results" / "DELRec.json")["metrics"],
-              "paired": paired(args.against.resolve(), "DELRec", "DELRec", dst, "DELRec", f"{args.name}@{step}")}
+              "paired": paired(args.against.resolve(), "DELRec", args.against_name, dst, "DELRec",
+                               f"{args.name}@{step}")}
     write_json(dst / "last_checkpoint.json", result)
     merged = read_json(args.out) if args.out.is_file() else {}
     merged[os.path.relpath(src, ROOT)] = {"against": os.path.relpath(args.against.resolve(), ROOT), **result,

@@ -279,12 +279,14 @@ def table(result: dict[str, Any]) -> list[str]:
     last = RESULTS / "quality_last_checkpoint.json"  # benchmarks/last_checkpoint.py: runs compared at equal updates
     if last.is_file():
         out += ["", "## At equal updates: a run's last stage-2 checkpoint instead of its validation-selected one", "",
-                "| run | checkpoint (selected) | HR@1 | HR@5 | NDCG@5 | DELRec − it: ΔHR@1 [95% CI] | ΔNDCG@5 [95% CI] "
-                "| sign test p |", "|---|---|---|---|---|---|---|---|"]
+                "| run | checkpoint (selected) | HR@1 | HR@5 | NDCG@5 | A | A − it: ΔHR@1 [95% CI] | ΔNDCG@5 [95% CI] "
+                "| sign test p |", "|---|---|---|---|---|---|---|---|---|"]
         for e in read_json(last).values():
             mm, d = e["metrics"], e["paired"]["diff_a_minus_b"]
             out.append(f"| {e['run']} | {e['checkpoint_step']} ({e['selected_step']}) | {mm['HR@1']['value']:.4f} | "
-                       f"{mm['HR@5']['value']:.4f} | {mm['NDCG@5']['value']:.4f} | {_deltas(d)} | "
+                       f"{mm['HR@5']['value']:.4f} | {mm['NDCG@5']['value']:.4f} | "
+                       f"{e['paired']['a']} ({e['against']}) | "
+                       f"{_deltas(d)} | "
                        f"{e['paired']['sign_test_HR@1_p']:.3g} |")
     legacy = sorted({r["profile"] for r in result["rows"]} & set(LEGACY_PROFILES))
     if legacy:
