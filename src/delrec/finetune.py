@@ -616,7 +616,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout noise, independent per process
     accelerator.wait_for_everyone()
 
-    def evaluate_valid() -> dict[str, float]:
+    def evaluate_valid() -> dict[str, Any]:
         assert valid is not None
         # The mean target rank (in the result) moves before HR@1 does and, unlike the loss over near-flat mean
         # log-likelihoods (≈ ln C even while ranks improve), reads the same for every verbalizer. Under
