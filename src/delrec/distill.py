@@ -51,7 +51,7 @@ from delrec.llm.prompts import (
 from delrec.llm.prompts import render_lsr as prompts_lsr
 from delrec.llm.scoring import TitleScorer, prior_scores
 from delrec.llm.soft_prompt import SoftPrompt, SoftPromptConfig
-from delrec.metrics import choose_prior_weight, hit_rate, ndcg, ranks_from_scores
+from delrec.metrics import choose_prior_weight, hit_rate, ndcg, prior_record, ranks_from_scores
 
 TASKS = ("ta", "rps")
 TA_MIN_LEN = 6  # items 1-4 feed the demo; the query needs items 4..n-2 (≥ 1 item), the masked n-1 and the given n
@@ -366,7 +366,7 @@ def evaluate_ranking(scorer: TitleScorer, prompts: Sequence[str], candidates: Se
         prior_mat = prior_scores(scorer, prior[0], candidates)
         if prior[1] == "auto":
             lam, table = choose_prior_weight(scores, prior_mat, target_pos, metric)
-            extra = {"prior_weight": lam, "by_prior": {str(k): v[metric] for k, v in table.items()}}
+            extra = prior_record(lam, table, metric)
         else:
             lam = float(prior[1])
         scores = scores - lam * prior_mat

@@ -212,7 +212,7 @@ def validation_metrics(scorer: TitleScorer, dataset: SeqDataset, candidates: Can
     With ``scoring.prior_weight="auto"`` they are those of the λ of `delrec.metrics.PRIOR_GRID` that ranks these rows
     best by ``metric``, given as ``prior_weight``, with every λ's ``metric`` under ``by_prior`` — the caller keeps
     the checkpoint and its λ together."""
-    from delrec.metrics import choose_prior_weight
+    from delrec.metrics import choose_prior_weight, prior_record
 
     auto = scoring.prior_weight == "auto"
     kw: dict[str, Any] = {"soft_prompt": soft_prompt, "year": scoring.year, "verbalizer": scoring.verbalizer}
@@ -224,7 +224,7 @@ def validation_metrics(scorer: TitleScorer, dataset: SeqDataset, candidates: Can
         return {**{k: v["value"] for k, v in summarize(ranks, ci=False).items()}, "mean_rank": float(ranks.mean())}
     prior = candidate_priors(scorer, dataset, candidates, domain, teacher_name, history_len, **kw)
     lam, table = choose_prior_weight(scores, prior, candidates.target_pos, metric)
-    return {**table[lam], "prior_weight": lam, "by_prior": {str(k): v[metric] for k, v in table.items()}}
+    return {**table[lam], **prior_record(lam, table, metric)}
 
 
 def evaluate_llm(backbone: Backbone, soft_prompt: SoftPrompt | None, dataset: SeqDataset, candidates: CandidateSet,

@@ -7,6 +7,7 @@ model that scores everything equal gets the worst rank, never the best.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +79,11 @@ def choose_prior_weight(scores: np.ndarray, prior: np.ndarray, target_pos: np.nd
         raise ValueError(f"unknown metric {metric!r}")
     best = max(table, key=lambda lam: (table[lam][metric], -lam))
     return best, table
+
+
+def prior_record(lam: float, table: dict[float, dict[str, float]], metric: str) -> dict[str, Any]:
+    """What a validation entry records of `choose_prior_weight`'s choice: the λ and every λ's ``metric``."""
+    return {"prior_weight": lam, "by_prior": {str(k): v[metric] for k, v in table.items()}}
 
 
 def format_metric(entry: dict[str, float]) -> str:
