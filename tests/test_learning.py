@@ -56,7 +56,8 @@ def test_stage2_overfits_a_handful_of_examples(tmp_path, sc: ScoringConfig) -> N
     assert after >= 0.9, (before, after)
 
 
-def test_stage1_soft_prompt_overfits_a_handful_of_ta_examples(tmp_path) -> None:
+@pytest.mark.parametrize("deep", [False, True], ids=["input", "deep"])
+def test_stage1_soft_prompt_overfits_a_handful_of_ta_examples(tmp_path, deep: bool) -> None:
     ds = tiny_dataset(n_users=24, n_items=60, seed=3)
     split = make_split(ds, "user", seed=0)
     sc = ScoringConfig()
@@ -65,15 +66,16 @@ def test_stage1_soft_prompt_overfits_a_handful_of_ta_examples(tmp_path) -> None:
                         eval_examples=4, seed=0)
     bb = tiny_backbone("llama", seed=0)
     soft = distill(bb, ds, split, np.ones((len(split.train_users), 10), dtype=np.int64), "SASRec", cfg,
-                   tmp_path / "distill", soft_prompt_cfg=SoftPromptConfig(num_tokens=32), progress=False,
+                   tmp_path / "distill", soft_prompt_cfg=SoftPromptConfig(num_tokens=32, deep=deep), progress=False,
                    scoring=sc)
+    assert soft.deep == deep
     # The same 8 TA examples distill() trained on (its RNG stream and cap).
     exs = build_ta_examples(split, ds, cfg.candidate_size, np.random.default_rng([cfg.seed, 1]))
     keep = np.sort(np.random.default_rng([cfg.seed, 3]).choice(len(exs), 8, replace=False))
     prompts, titles, target = render_ta([exs[i] for i in keep], ds, "SASRec", 6, year=sc.year)
     from delrec.llm.soft_prompt import SoftPrompt
 
-    untrained = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=32))
+    untrained = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=32, deep=deep))
     before = _hr1(TitleScorer(bb, untrained, append_eos=sc.append_eos(bb.kind)), prompts, titles, target)
     after = _hr1(TitleScorer(bb, soft, append_eos=sc.append_eos(bb.kind)), prompts, titles, target)
     assert before < 0.5, before

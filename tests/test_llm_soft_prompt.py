@@ -54,3 +54,68 @@ def test_freeze_and_errors(tmp_path):
         SoftPromptConfig(init="zeros").validate()
     with pytest.raises(DataError):
         SoftPrompt.from_pretrained(tmp_path / "missing")
+
+
+def _phrase_prompt() -> list[str]:
+    from delrec.llm.prompts import SOFT_PROMPT_SLOT
+
+    return [f"The recommendation pattern of the SASRec model is:{SOFT_PROMPT_SLOT} Next:"]
+
+
+def test_deep_prompt_starts_as_the_input_prompt_and_steers_every_block(tmp_path):
+    from delrec.llm.prompts import SOFT_PROMPT_SLOT
+    from delrec.llm.scoring import TitleScorer
+
+    bb = tiny_backbone("llama")
+    shallow = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=3, seed=2))
+    deep = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=3, seed=2, deep=True))
+    n_blocks = len(bb.blocks())
+    assert deep.deep and deep.num_layers == n_blocks and deep.weight.shape == (n_blocks, 3, bb.hidden_size)
+    assert torch.equal(deep(), shallow.weight) and torch.equal(deep.layer(0), deep())
+    assert not torch.equal(deep.layer(1), deep.layer(0))  # block 1's input is the hidden state, not the embedding
+    prompts, cands = _phrase_prompt(), [["Toy Story", "Heat", "Up"]]
+    bare = [prompts[0].replace(SOFT_PROMPT_SLOT, "")]
+    no_sp = TitleScorer(bb, None).score(bare, cands).detach()
+    # Initialised from the hidden states the input prompt produces after the same words: identical scores.
+    torch.testing.assert_close(TitleScorer(bb, deep).score(prompts, cands),
+                               TitleScorer(bb, shallow).score(prompts, cands))
+    # Block 1's vectors alone change the scores (the hooks fire), and the gradient reaches every block's vectors.
+    moved = SoftPrompt(deep.config, bb.hidden_size, deep.weight.detach().clone(), num_layers=n_blocks)
+    with torch.no_grad():
+        moved.weight[1] += torch.randn_like(moved.weight[1])
+    assert not torch.allclose(TitleScorer(bb, moved).score(prompts, cands),
+                              TitleScorer(bb, deep).score(prompts, cands))
+    TitleScorer(bb, deep).score(prompts, cands).sum().backward()
+    assert all(float(deep.weight.grad[i].abs().sum()) > 0 for i in range(n_blocks))
+    assert torch.equal(TitleScorer(bb, None).score(bare, cands).detach(), no_sp)  # no hook outlives a call
+    # save/load round trip keeps the layers; a flat weight under a deep config is refused
+    deep.save_pretrained(tmp_path / "deep")
+    back = SoftPrompt.from_pretrained(tmp_path / "deep")
+    assert back.deep and torch.equal(back.weight, deep.weight) and back.config.deep
+    shallow.save_pretrained(tmp_path / "flat")
+    cfg_file = tmp_path / "flat" / "soft_prompt_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"deep": false', '"deep": true'))
+    with pytest.raises(DataError, match="deep"):
+        SoftPrompt.from_pretrained(tmp_path / "flat")
+    # a deep prompt made for another depth is refused by the scorer
+    with pytest.raises(ValueError, match="blocks"):
+        TitleScorer(bb, SoftPrompt(deep.config, bb.hidden_size, num_layers=n_blocks + 1))
+    with pytest.raises(ConfigError) as e:
+        SoftPromptConfig(deep="yes").validate()  # type: ignore[arg-type]
+    assert e.value.field == "soft_prompt.deep"
+
+
+def test_deep_prompt_on_a_seq2seq_encoder_and_in_generation():
+    from delrec.llm.generate import generate_titles
+    from delrec.llm.scoring import TitleScorer
+
+    for arch in ("t5", "llama"):
+        bb = tiny_backbone(arch)
+        deep = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=2, deep=True))
+        moved = SoftPrompt(deep.config, bb.hidden_size, deep.weight.detach() + torch.randn_like(deep.weight),
+                           num_layers=deep.num_layers)
+        prompts, cands = _phrase_prompt(), [["Toy Story", "Heat", "Up"]]
+        a, b = TitleScorer(bb, deep), TitleScorer(bb, moved)
+        assert not torch.allclose(a.score(prompts, cands), b.score(prompts, cands)), arch
+        out = generate_titles(a, prompts, cands)  # the prompt pass runs under the hooks, later steps on its cache
+        assert len(out) == 1 and out[0].valid, arch

@@ -203,6 +203,17 @@ class Backbone:
         return self
 
     # --- pieces the scorer needs --------------------------------------------------------------------------------
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks a prompt runs through, in order (a causal LM's decoder layers, a seq2seq model's
+        encoder blocks): where a deep soft prompt sets its vectors."""
+        root = self.base.get_encoder() if self.kind == "seq2seq" else self.base.base_model
+        for name in ("layers", "h", "block", "blocks"):
+            found = getattr(root, name, None)
+            if isinstance(found, nn.ModuleList) and len(found):
+                return found
+        raise ConfigError(f"cannot find the transformer blocks of {type(root).__name__} (looked for layers, h, "
+                          "block, blocks); a deep soft prompt needs them", field="soft_prompt.deep")
+
     def decoder_start_id(self) -> int:
         cfg = self.base.config
         sid = getattr(cfg, "decoder_start_token_id", None)

@@ -139,9 +139,12 @@ class _Stepper:
             self.ids, self.am = ids.to(dev), am.to(dev)
             self.pos = (self.am.cumsum(1) - 1).clamp_min(0)
             self.emb = scorer.embed_ids(self.ids)
+            self.scorer = scorer
         else:
             ids, am = _pad_right(p_ids, scorer._pad_id, dev)
-            self.enc = bb.base.get_encoder()(inputs_embeds=scorer.embed_ids(ids), attention_mask=am).last_hidden_state
+            with scorer.deep_prompt(ids):
+                self.enc = bb.base.get_encoder()(inputs_embeds=scorer.embed_ids(ids),
+                                                 attention_mask=am).last_hidden_state
             self.am = am
             self.body = bb.base.get_decoder()
             self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -150,8 +153,9 @@ class _Stepper:
     def first(self) -> torch.Tensor:
         bb = self.bb
         if bb.kind == "causal":
-            h = self.body(inputs_embeds=self.emb, attention_mask=self.am, position_ids=self.pos, use_cache=True,
-                          **{self.kw: self.cache}).last_hidden_state
+            with self.scorer.deep_prompt(self.ids):  # the prompt pass; later steps read its cache
+                h = self.body(inputs_embeds=self.emb, attention_mask=self.am, position_ids=self.pos, use_cache=True,
+                              **{self.kw: self.cache}).last_hidden_state
         else:
             start = torch.full((self.am.shape[0], 1), bb.decoder_start_id(), dtype=torch.long, device=bb.device)
             h = self.body(input_ids=start, encoder_hidden_states=self.enc, encoder_attention_mask=self.am,

@@ -20,8 +20,10 @@ computed for prompt positions.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,9 @@ class TitleScorer:
                 raise ValueError(f"soft prompt width {soft_prompt.hidden_size} != backbone hidden size "
                                  f"{backbone.hidden_size}")
             soft_prompt.to(backbone.device)
+            if soft_prompt.deep and soft_prompt.num_layers != len(backbone.blocks()):
+                raise ValueError(f"deep soft prompt of {soft_prompt.num_layers} layers on a backbone of "
+                                 f"{len(backbone.blocks())} blocks")
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
         self.reduce = reduce
@@ -129,6 +134,25 @@ class TitleScorer:
             k = (soft.cumsum(1) - 1).clamp(0, sp.shape[0] - 1)  # which soft token sits at each position
             emb = torch.where(soft[..., None], sp[k], emb)
         return emb
+
+    @contextlib.contextmanager
+    def deep_prompt(self, ids: torch.Tensor) -> Iterator[None]:
+        """While the model runs on ``ids`` (the ones `embed_ids` embedded): with a deep soft prompt, the input of
+        every block after the first is that block's soft vectors at the soft positions. No-op otherwise."""
+        sp = self.soft_prompt
+        soft = ids == SOFT_ID
+        if sp is None or not sp.deep or not bool(soft.any()):
+            yield
+            return
+        k = (soft.cumsum(1) - 1).clamp(0, sp.num_tokens - 1)
+        handles = [block.register_forward_pre_hook(partial(_set_soft, soft=soft, k=k, vectors=partial(sp.layer, i)),
+                                                   with_kwargs=True)
+                   for i, block in enumerate(self.backbone.blocks()) if i > 0]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     # --- public API ---------------------------------------------------------------------------------------------
     def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> torch.Tensor:
@@ -203,7 +227,8 @@ class TitleScorer:
             am[b, :len(x)] = 1
         ids_t, am = ids_t.to(dev), am.to(dev)
         body = self.backbone.base.base_model
-        hidden = body(inputs_embeds=self.embed_ids(ids_t), attention_mask=am, use_cache=False).last_hidden_state
+        with self.deep_prompt(ids_t):
+            hidden = body(inputs_embeds=self.embed_ids(ids_t), attention_mask=am, use_cache=False).last_hidden_state
         rows = hidden[torch.tensor(r_b, device=dev), torch.tensor(r_t, device=dev)]
         soft = None
         if targets is not None:
@@ -257,15 +282,17 @@ class TitleScorer:
                 t = self.encode_title(title)
                 if self.backbone.kind == "causal":
                     ids = torch.tensor([p + t[:-1]], device=dev)
-                    logits = self.backbone.model(inputs_embeds=self.embed_ids(ids),
-                                                 attention_mask=torch.ones_like(ids)).logits[0]
+                    with self.deep_prompt(ids):
+                        logits = self.backbone.model(inputs_embeds=self.embed_ids(ids),
+                                                     attention_mask=torch.ones_like(ids)).logits[0]
                     logits = logits[len(p) - 1:]
                 else:
                     ids = torch.tensor([p], device=dev)
                     dec = torch.tensor([[self.backbone.decoder_start_id(), *t[:-1]]], device=dev)
-                    logits = self.backbone.model(inputs_embeds=self.embed_ids(ids),
-                                                 attention_mask=torch.ones_like(ids),
-                                                 decoder_input_ids=dec).logits[0]
+                    with self.deep_prompt(ids):
+                        logits = self.backbone.model(inputs_embeds=self.embed_ids(ids),
+                                                     attention_mask=torch.ones_like(ids),
+                                                     decoder_input_ids=dec).logits[0]
                 lp = F.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(t, device=dev)[:, None])
                 rows.append(((b, j), lp.sum() / (len(t) if self.reduce == "mean" else 1)))
         for (b, j), v in rows:
@@ -305,7 +332,9 @@ class TitleScorer:
         emb = self.embed_ids(ids_t)
         mask = self._packed_mask(seg_t, pos_t, emb.dtype)
         body = bb.base.base_model
-        hidden = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos_t, use_cache=False).last_hidden_state
+        with self.deep_prompt(ids_t):
+            hidden = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos_t,
+                          use_cache=False).last_hidden_state
         first_ids = torch.tensor([[t[0] for t in row] for row in c_ids], device=dev)  # [B, C]
         h_last = hidden[torch.arange(B, device=dev), torch.from_numpy(last).to(dev)]  # [B, d]
         first = F.log_softmax(bb.head_logits(h_last).float(), dim=-1).gather(1, first_ids)  # [B, C]
@@ -351,7 +380,8 @@ class TitleScorer:
         B, C = len(p_ids), len(c_ids[0])
         ids, am = _pad_right(p_ids, self._pad_id, dev)
         base = bb.base
-        enc = base.get_encoder()(inputs_embeds=self.embed_ids(ids), attention_mask=am).last_hidden_state
+        with self.deep_prompt(ids):
+            enc = base.get_encoder()(inputs_embeds=self.embed_ids(ids), attention_mask=am).last_hidden_state
         decoder = base.get_decoder()
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         kw = _cache_kwarg(decoder)
@@ -443,6 +473,19 @@ def prior_scores(scorer: TitleScorer, prompts: Sequence[str], candidates: Sequen
                       for t, v in zip(row, vs, strict=True)})
     return np.array([[value[(p, t)] for t in row] for p, row in zip(prompts, candidates, strict=True)],
                     dtype=np.float32)
+
+
+def _set_soft(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, soft: torch.Tensor,
+              k: torch.Tensor, vectors: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Forward pre-hook of one block: its input hidden states at the soft positions ``soft`` [B, T] ← row ``k`` of
+    ``vectors()`` [P, d]. Calls on other shapes (a generation step after the prompt) pass through."""
+    h = args[0] if args else kwargs["hidden_states"]
+    if h.shape[:2] != soft.shape:
+        return None
+    new = torch.where(soft[..., None], vectors().to(h.dtype)[k], h)
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
 
 
 def _check(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> int:

@@ -1,7 +1,13 @@
 """The learnable soft prompt: ``P`` vectors spliced into the hard prompt after
 "The recommendation pattern of the {teacher} model is:" (stage 1 trains them; stage 2 keeps them frozen).
 
-Saved like a peft adapter: ``soft_prompt.safetensors`` (one tensor, ``weight`` [P, d]) + ``soft_prompt_config.json``.
+With ``deep=True`` (deep prompt tuning, P-Tuning v2 — Liu et al. 2022) the soft positions also get learned vectors
+at the input of every transformer block, not only at the embeddings: an input-only prompt of 20 tokens does not move
+a 135M-parameter LM's ranking (benchmarks/results/stage1_log.md, and Lester et al. 2021: prompt tuning needs
+billions of parameters to match fine-tuning), while a deep one steers every layer.
+
+Saved like a peft adapter: ``soft_prompt.safetensors`` (one tensor, ``weight``: [P, d], or [L, P, d] when deep, row
+0 the embeddings and row l the input of block l) + ``soft_prompt_config.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class SoftPromptConfig:
         "help": "embedding: N(0, s²) with s the std of the backbone's token embeddings (default) | "
                 "unit: N(0, 1), exactly the paper's nn.Embedding init"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation"})
+    deep: bool = field(default=False, metadata={
+        "help": "also learn the soft positions' input to every transformer block (deep prompt tuning), not only "
+                "their embeddings (the paper's); ~L x the parameters, for backbones too small for an input prompt"})
 
     def validate(self) -> SoftPromptConfig:
         # 0 is legal in a run config: it disables the soft prompt (the "no distillation" ablation).
@@ -45,31 +54,35 @@ class SoftPromptConfig:
         if self.random_scale not in ("embedding", "unit"):
             raise ConfigError(f"must be embedding or unit, got {self.random_scale!r}",
                               field="soft_prompt.random_scale")
+        if not isinstance(self.deep, bool):
+            raise ConfigError(f"must be true or false, got {self.deep!r}", field="soft_prompt.deep")
         if not self.teacher or not isinstance(self.teacher, str):
             raise ConfigError("must be a non-empty name", field="soft_prompt.teacher")
         return self
 
 
 class SoftPrompt(nn.Module):
-    """``weight`` [P, d]; ``forward()`` returns it (the scorer splices it into the input embeddings).
+    """``weight`` [P, d] (or [L, P, d] when deep); ``forward()`` returns the [P, d] the scorer splices into the input
+    embeddings, ``layer(l)`` the [P, d] a deep prompt sets at the input of block l.
 
     Why the default init differs from the paper's N(0, 1): the paper's backbone (Flan-T5-XL) has large token
     embeddings, while SmolLM2's have std ≈ 0.14 (row norm ≈ 3.2 vs ≈ 24 for N(0, 1) at d=576), so unit-variance
     soft tokens would be ~7x larger than any real token. ``random_scale="unit"`` restores the paper's init.
     """
 
-    def __init__(self, config: SoftPromptConfig, hidden_size: int, weight: torch.Tensor | None = None) -> None:
+    def __init__(self, config: SoftPromptConfig, hidden_size: int, weight: torch.Tensor | None = None,
+                 num_layers: int = 1) -> None:
         super().__init__()
         self.config = config.validate()
         if config.num_tokens < 1:
             raise ConfigError("a soft prompt needs at least one token (0 means: run without one)",
                               field="soft_prompt.num_tokens")
+        shape = (num_layers, config.num_tokens, hidden_size) if config.deep else (config.num_tokens, hidden_size)
         if weight is None:
             g = torch.Generator().manual_seed(config.seed)
-            weight = torch.randn(config.num_tokens, hidden_size, generator=g)
-        if tuple(weight.shape) != (config.num_tokens, hidden_size):
-            raise ValueError(f"soft prompt weight must be [{config.num_tokens}, {hidden_size}], got "
-                             f"{tuple(weight.shape)}")
+            weight = torch.randn(*shape, generator=g)
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"soft prompt weight must be {list(shape)}, got {list(weight.shape)}")
         self.weight = nn.Parameter(weight.detach().clone().float())
 
     @classmethod
@@ -88,18 +101,36 @@ class SoftPrompt(nn.Module):
                     # std of what the model actually receives (includes e.g. Gemma's √d scale)
                     sample = torch.randint(0, emb.weight.shape[0], (min(4096, emb.weight.shape[0]),), generator=g)
                     w = w * backbone.embed(sample.to(backbone.device)).float().std().cpu()
-        return cls(config, backbone.hidden_size, w).to(backbone.device)
+            if config.deep:  # start as the input-only prompt would run: each block's input at those positions
+                w = _block_inputs(backbone, w, f"The recommendation pattern of the {config.teacher} model is:")
+        n_layers = int(w.shape[0]) if config.deep else 1
+        return cls(config, backbone.hidden_size, w, num_layers=n_layers).to(backbone.device)
 
     @property
     def num_tokens(self) -> int:
-        return int(self.weight.shape[0])
+        return int(self.weight.shape[-2])
 
     @property
     def hidden_size(self) -> int:
-        return int(self.weight.shape[1])
+        return int(self.weight.shape[-1])
+
+    @property
+    def deep(self) -> bool:
+        return self.weight.ndim == 3
+
+    @property
+    def num_layers(self) -> int:
+        """Blocks whose input the prompt sets (1: the embeddings only)."""
+        return int(self.weight.shape[0]) if self.deep else 1
 
     def forward(self) -> torch.Tensor:
-        return self.weight  # [P, d]
+        return self.weight[0] if self.deep else self.weight  # [P, d] spliced into the input embeddings
+
+    def layer(self, index: int) -> torch.Tensor:
+        """[P, d]: the input of block ``index`` at the soft positions (0: the embeddings)."""
+        if not 0 <= index < self.num_layers:
+            raise IndexError(f"block {index} of a {self.num_layers}-layer soft prompt")
+        return self.weight[index] if self.deep else self.weight
 
     def freeze(self) -> SoftPrompt:
         self.weight.requires_grad_(False)
@@ -110,7 +141,8 @@ class SoftPrompt(nn.Module):
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             save_file({"weight": self.weight.detach().float().cpu().contiguous()}, str(tmp / WEIGHTS_NAME))
-            meta = {**asdict(self.config), "hidden_size": self.hidden_size, **(extra or {})}
+            meta = {**asdict(self.config), "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                    **(extra or {})}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return directory
 
@@ -130,7 +162,37 @@ class SoftPrompt(nn.Module):
         if "weight" not in tensors:
             raise DataError("missing tensor 'weight'", file=w_file, field="weight")
         w = tensors["weight"]
-        if w.ndim != 2 or w.shape[0] != config.num_tokens:
-            raise DataError(f"weight shape {tuple(w.shape)} does not match num_tokens={config.num_tokens}",
-                            file=w_file, field="weight")
-        return cls(config, int(w.shape[1]), w).to(device)
+        if w.ndim != (3 if config.deep else 2) or w.shape[-2] != config.num_tokens:
+            raise DataError(f"weight shape {tuple(w.shape)} does not match num_tokens={config.num_tokens}"
+                            f"{' (deep)' if config.deep else ''}", file=w_file, field="weight")
+        return cls(config, int(w.shape[-1]), w, num_layers=int(w.shape[0]) if config.deep else 1).to(device)
+
+
+@torch.no_grad()
+def _block_inputs(backbone: Backbone, soft: torch.Tensor, text: str) -> torch.Tensor:
+    """[P, d] input embeddings placed after ``text`` → [L, P, d]: what each transformer block receives at those
+    positions in one frozen forward pass (row 0: the embeddings themselves)."""
+    blocks = backbone.blocks()
+    dev = backbone.device
+    ids = torch.tensor([backbone.tokenizer(text, add_special_tokens=False)["input_ids"]], device=dev)
+    emb = torch.cat([backbone.embed(ids), soft.to(dev, backbone.dtype)[None]], dim=1)
+    seen: list[torch.Tensor] = []
+
+    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        seen.append(h[0, ids.shape[1]:].float().cpu())
+
+    handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in blocks]
+    try:
+        am = torch.ones(emb.shape[:2], dtype=torch.long, device=dev)
+        if backbone.kind == "seq2seq":
+            backbone.base.get_encoder()(inputs_embeds=emb, attention_mask=am)
+        else:
+            backbone.base.base_model(inputs_embeds=emb, attention_mask=am, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(seen) != len(blocks):
+        raise RuntimeError(f"{len(seen)} of {len(blocks)} blocks ran")
+    seen[0] = soft.float().cpu()  # exactly the input prompt (no dtype round trip)
+    return torch.stack(seen)
