@@ -65,6 +65,9 @@ def main() -> None:
                          "teachers/<distill_from>/model); it must have been trained on --base's split")
     ap.add_argument("--n-valid", type=int, default=200)
     ap.add_argument("--zero-shot", action="store_true", help="also rank before training")
+    ap.add_argument("--rank-only", action="store_true",
+                    help="do not train stage 2: rank with the backbone as loaded (+ --soft-prompt), e.g. to measure "
+                         "what a stage-1 soft prompt alone changes")
     ap.add_argument("--eval-only", type=Path, default=None, metavar="PROBE_DIR",
                     help="do not train: rank with the adapter a finished probe left in PROBE_DIR (e.g. to compare "
                          "scoring settings on one trained adapter)")
@@ -117,6 +120,14 @@ def main() -> None:
         m = summarize(ranks, ci=False)
         return {**_row("llm", m), "mean_rank": round(float(ranks.mean()), 3)}, time.perf_counter() - t0
 
+    if args.rank_only:
+        out.update(rank_only=True, train_s=0.0, train_examples=0, s_per_example=0.0, loss_first=None,
+                   loss_last=None, config={"scoring": dataclasses.asdict(scoring),
+                                                   "soft_prompt": None if soft is None else str(args.soft_prompt)})
+        out["valid"], out["valid_s"] = rank()
+        print(json.dumps(out["valid"]), flush=True)
+        _append(out)
+        return
     if args.zero_shot:
         out["zero_shot"], out["zero_shot_s"] = rank()
         print("zero-shot", out["zero_shot"], flush=True)
@@ -153,9 +164,13 @@ def main() -> None:
                        "scoring": dataclasses.asdict(scoring)})
     out["valid"], out["valid_s"] = rank()
     print(json.dumps(out["valid"]), flush=True)
+    _append(out)
+
+
+def _append(row: dict[str, Any]) -> None:
     LOG.parent.mkdir(parents=True, exist_ok=True)
     with LOG.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(out) + "\n")
+        f.write(json.dumps(row) + "\n")
     write_table()
 
 
@@ -169,13 +184,18 @@ def write_table() -> None:
     for i, r in enumerate(rows, 1):
         v, p = r["valid"], r["popularity"]
         note = f" ({r['note']})" if r.get("note") else ""
+        if r.get("rank_only"):
+            note += " (no stage-2 training: the backbone as loaded" + (
+                f" + the soft prompt of {Path(r['config']['soft_prompt']).name})" if r["config"].get("soft_prompt")
+                else ")")
         if r.get("eval_only"):
             note += f" (no training: the adapter of {Path(r['eval_only']).name})"
         zs = r.get("zero_shot")
         if zs:
             note += f" (before training: NDCG@5 {zs['NDCG@5']})"
+        loss = "–" if r["loss_first"] is None else f"{r['loss_first']:.3f} → {r['loss_last']:.3f}"
         lines.append(f"| {i} | {r['name']}{note} | `{' '.join(r['overrides'])}` | {r['train_examples']} | "
-                     f"{r['s_per_example']} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | {v['HR@1']} | "
+                     f"{r['s_per_example']} | {loss} | {v['HR@1']} | "
                      f"{v['HR@5']} | {v['NDCG@5']} | {v['mean_rank']} | {p['HR@1']} / {p['NDCG@5']} | "
                      f"{r['n_valid']} |")
     write_text(LOG.with_suffix(".md"), "\n".join(lines) + "\n")
