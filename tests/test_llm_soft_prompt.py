@@ -80,7 +80,9 @@ def test_deep_prompt_starts_as_the_input_prompt_and_steers_every_block(tmp_path)
     torch.testing.assert_close(TitleScorer(bb, deep).score(prompts, cands),
                                TitleScorer(bb, shallow).score(prompts, cands))
     # Block 1's vectors alone change the scores (the hooks fire), and the gradient reaches every block's vectors.
-    moved = SoftPrompt(deep.config, bb.hidden_size, deep.weight.detach().clone(), num_layers=n_blocks)
+    moved = SoftPrompt(deep.config, bb.hidden_size, deep.vectors().detach(), num_layers=n_blocks, scale=deep.scale)
+    torch.testing.assert_close(moved.weight, deep.weight)  # trained in units of each block's spread
+    assert float(deep.scale[0]) == 1.0 and bool((deep.scale > 0).all())
     with torch.no_grad():
         moved.weight[1] += torch.randn_like(moved.weight[1])
     assert not torch.allclose(TitleScorer(bb, moved).score(prompts, cands),
@@ -91,7 +93,9 @@ def test_deep_prompt_starts_as_the_input_prompt_and_steers_every_block(tmp_path)
     # save/load round trip keeps the layers; a flat weight under a deep config is refused
     deep.save_pretrained(tmp_path / "deep")
     back = SoftPrompt.from_pretrained(tmp_path / "deep")
-    assert back.deep and torch.equal(back.weight, deep.weight) and back.config.deep
+    assert back.deep and back.config.deep and torch.equal(back.scale, deep.scale)
+    torch.testing.assert_close(back.vectors(), deep.vectors())
+    torch.testing.assert_close(back.weight, deep.weight)
     shallow.save_pretrained(tmp_path / "flat")
     cfg_file = tmp_path / "flat" / "soft_prompt_config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"deep": false', '"deep": true'))
@@ -112,7 +116,7 @@ def test_deep_prompt_on_a_seq2seq_encoder_and_in_generation():
     for arch in ("t5", "llama"):
         bb = tiny_backbone(arch)
         deep = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=2, deep=True))
-        moved = SoftPrompt(deep.config, bb.hidden_size, deep.weight.detach() + torch.randn_like(deep.weight),
+        moved = SoftPrompt(deep.config, bb.hidden_size, deep.vectors().detach() + torch.randn_like(deep.weight),
                            num_layers=deep.num_layers)
         prompts, cands = _phrase_prompt(), [["Toy Story", "Heat", "Up"]]
         a, b = TitleScorer(bb, deep), TitleScorer(bb, moved)

@@ -71,7 +71,7 @@ class SoftPrompt(nn.Module):
     """
 
     def __init__(self, config: SoftPromptConfig, hidden_size: int, weight: torch.Tensor | None = None,
-                 num_layers: int = 1) -> None:
+                 num_layers: int = 1, scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config.validate()
         if config.num_tokens < 1:
@@ -83,7 +83,15 @@ class SoftPrompt(nn.Module):
             weight = torch.randn(*shape, generator=g)
         if tuple(weight.shape) != shape:
             raise ValueError(f"soft prompt weight must be {list(shape)}, got {list(weight.shape)}")
-        self.weight = nn.Parameter(weight.detach().clone().float())
+        # Deep: block l's vectors are trained in units of `scale[l]` (the spread of what that block receives relative
+        # to the embeddings', which grows ~100x through SmolLM2's 30 blocks), so one learning rate moves every block
+        # by the same relative amount; `layer(l)` and the saved file hold the actual vectors.
+        n = int(weight.shape[0]) if config.deep else 1
+        scale = torch.ones(n) if scale is None else scale.detach().float().reshape(-1)
+        if scale.numel() != n or not bool((scale > 0).all()):
+            raise ValueError(f"soft prompt scale must be {n} positive numbers, got {scale.tolist()}")
+        self.register_buffer("scale", scale.clone())
+        self.weight = nn.Parameter(weight.detach().float() / (scale[:, None, None] if config.deep else 1.0))
 
     @classmethod
     def init_for(cls, backbone: Backbone, config: SoftPromptConfig) -> SoftPrompt:
@@ -101,10 +109,12 @@ class SoftPrompt(nn.Module):
                     # std of what the model actually receives (includes e.g. Gemma's √d scale)
                     sample = torch.randint(0, emb.weight.shape[0], (min(4096, emb.weight.shape[0]),), generator=g)
                     w = w * backbone.embed(sample.to(backbone.device)).float().std().cpu()
+            scale = None
             if config.deep:  # start as the input-only prompt would run: each block's input at those positions
                 w = _block_inputs(backbone, w, f"The recommendation pattern of the {config.teacher} model is:")
+                scale = w.std(dim=(1, 2)) / w[0].std()
         n_layers = int(w.shape[0]) if config.deep else 1
-        return cls(config, backbone.hidden_size, w, num_layers=n_layers).to(backbone.device)
+        return cls(config, backbone.hidden_size, w, num_layers=n_layers, scale=scale).to(backbone.device)
 
     @property
     def num_tokens(self) -> int:
@@ -124,13 +134,17 @@ class SoftPrompt(nn.Module):
         return int(self.weight.shape[0]) if self.deep else 1
 
     def forward(self) -> torch.Tensor:
-        return self.weight[0] if self.deep else self.weight  # [P, d] spliced into the input embeddings
+        return self.layer(0)  # [P, d] spliced into the input embeddings
 
     def layer(self, index: int) -> torch.Tensor:
         """[P, d]: the input of block ``index`` at the soft positions (0: the embeddings)."""
         if not 0 <= index < self.num_layers:
             raise IndexError(f"block {index} of a {self.num_layers}-layer soft prompt")
-        return self.weight[index] if self.deep else self.weight
+        return self.weight[index] * self.scale[index] if self.deep else self.weight
+
+    def vectors(self) -> torch.Tensor:
+        """The actual vectors: [P, d], or [L, P, d] when deep (what `save_pretrained` writes as ``weight``)."""
+        return self.weight * self.scale[:, None, None] if self.deep else self.weight
 
     def freeze(self) -> SoftPrompt:
         self.weight.requires_grad_(False)
@@ -140,7 +154,10 @@ class SoftPrompt(nn.Module):
         """Write ``soft_prompt.safetensors`` + ``soft_prompt_config.json`` atomically into ``directory``."""
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
-            save_file({"weight": self.weight.detach().float().cpu().contiguous()}, str(tmp / WEIGHTS_NAME))
+            tensors = {"weight": self.vectors().detach().float().cpu().contiguous()}
+            if self.deep:
+                tensors["scale"] = self.scale.detach().float().cpu().contiguous()
+            save_file(tensors, str(tmp / WEIGHTS_NAME))
             meta = {**asdict(self.config), "hidden_size": self.hidden_size, "num_layers": self.num_layers,
                     **(extra or {})}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -165,7 +182,11 @@ class SoftPrompt(nn.Module):
         if w.ndim != (3 if config.deep else 2) or w.shape[-2] != config.num_tokens:
             raise DataError(f"weight shape {tuple(w.shape)} does not match num_tokens={config.num_tokens}"
                             f"{' (deep)' if config.deep else ''}", file=w_file, field="weight")
-        return cls(config, int(w.shape[-1]), w, num_layers=int(w.shape[0]) if config.deep else 1).to(device)
+        scale = tensors.get("scale") if config.deep else None
+        if scale is not None and (scale.ndim != 1 or scale.shape[0] != w.shape[0] or not bool((scale > 0).all())):
+            raise DataError(f"scale must be {w.shape[0]} positive numbers", file=w_file, field="scale")
+        return cls(config, int(w.shape[-1]), w, num_layers=int(w.shape[0]) if config.deep else 1,
+                   scale=scale).to(device)
 
 
 @torch.no_grad()
