@@ -240,3 +240,40 @@ def test_stage2_distillation_needs_the_teacher(tmp_path) -> None:
         finetune(tiny_backbone("llama"), ds, split, None, "SASRec", cfg, tmp_path / "ft",
                  scoring=ScoringConfig(verbalizer="next"))
     assert e.value.field == "finetune.distill_weight"
+
+
+def test_stage2_trains_through_a_frozen_deep_soft_prompt(tmp_path) -> None:
+    """A deep soft prompt under stage 2's LoRA: its hooks find the peft-wrapped blocks, it stays frozen, it still
+    steers the scores, and stage 2 overfits as without it."""
+    from delrec.data.splits import Example
+    from delrec.finetune import train_windows
+    from delrec.llm.soft_prompt import SoftPrompt
+
+    ds = tiny_dataset(n_users=24, n_items=60, seed=3)
+    split = make_split(ds, "user", seed=0)
+    sc = ScoringConfig(verbalizer="next")
+    cfg = FinetuneConfig.from_profile("cpu", adapter="lora", target_r=8, lr=0.01, warmup_steps=0, max_steps=60,
+                                      batch_size=4, grad_accum=1, eval_every=80, patience=0, history_len=4,
+                                      max_train_examples=4, max_valid_examples=4, lora_dropout=0.0, seed=0,
+                                      objective="sequence")
+    exs = [Example(0, w[:k], int(w[k])) for w in train_windows(split, cfg) for k in range(1, len(w))]
+    cs = draw_candidates(exs, ds, 10, seed=99)
+    prompts, titles = lsr_inputs(ds, [e.history for e in exs], cs.items, "movie", "SASRec", 4,
+                                 verbalizer="next", soft_prompt=True)
+    bb = tiny_backbone("llama", seed=0)
+    soft = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=4, deep=True)).freeze()
+    with torch.no_grad():
+        soft.weight[1:] += torch.randn_like(soft.weight[1:])  # a "distilled" deep prompt, unlike its init
+    frozen = soft.weight.detach().clone()
+    before = _hr1(sc.scorer(bb, soft), prompts, titles, cs.target_pos)
+    bb = finetune(bb, ds, split, soft, "SASRec", cfg, tmp_path / "ft", scoring=sc)
+    assert torch.equal(soft.weight, frozen)
+    after = _hr1(sc.scorer(bb, soft), prompts, titles, cs.target_pos)
+    assert before < 0.5, before
+    assert after >= 0.9, (before, after)
+    flat = SoftPrompt(soft.config, bb.hidden_size, soft.vectors().detach().clone(), num_layers=soft.num_layers,
+                      scale=soft.scale)
+    with torch.no_grad():
+        flat.weight[1:] = 0.0  # the same input vectors, no deep ones
+        a, b = (sc.scorer(bb, sp).score(prompts[:2], titles[:2]) for sp in (soft, flat))
+    assert not torch.allclose(a, b)  # the hooks act on the adapted model's blocks
