@@ -170,15 +170,17 @@ def test_short_run_lowers_training_loss_and_logs(data, tmp_path):
     assert all(p.grad is None for p in bb.model.parameters())
 
 
-def test_resume_equals_uninterrupted(data, tmp_path):
+@pytest.mark.parametrize("deep", [False, True], ids=["input", "deep"])
+def test_resume_equals_uninterrupted(data, tmp_path, deep):
     ds, split = data
     topk = _topk(split)
     bb = tiny_backbone("llama", extra_text=ds.titles[1:])
-    distill(bb, ds, split, topk, "SASRec", SMALL, tmp_path / "a", soft_prompt_cfg=SP, progress=False)
+    sp = dataclasses.replace(SP, deep=deep)
+    distill(bb, ds, split, topk, "SASRec", SMALL, tmp_path / "a", soft_prompt_cfg=sp, progress=False)
     distill(bb, ds, split, topk, "SASRec", dataclasses.replace(SMALL, max_steps=3), tmp_path / "b",
-            soft_prompt_cfg=SP, progress=False)
+            soft_prompt_cfg=sp, progress=False)
     assert json.loads((tmp_path / "b" / "distill_summary.json").read_text())["steps"] == 3
-    distill(bb, ds, split, topk, "SASRec", SMALL, tmp_path / "b", soft_prompt_cfg=SP, progress=False)
+    distill(bb, ds, split, topk, "SASRec", SMALL, tmp_path / "b", soft_prompt_cfg=sp, progress=False)
     a = load_file(str(tmp_path / "a" / "checkpoint" / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoint" / "checkpoint.safetensors"))
     assert a.keys() == b.keys()
@@ -190,7 +192,10 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     assert ha["evals"] == hb["evals"]
     with pytest.raises(ConfigError):  # a different config must not silently continue the old run
         distill(bb, ds, split, topk, "SASRec", dataclasses.replace(SMALL, lr=0.01), tmp_path / "b",
-                soft_prompt_cfg=SP, progress=False)
+                soft_prompt_cfg=sp, progress=False)
+    with pytest.raises(ConfigError, match="shape"):  # nor a soft prompt of another depth
+        distill(bb, ds, split, topk, "SASRec", SMALL, tmp_path / "b",
+                soft_prompt_cfg=dataclasses.replace(sp, deep=not deep), progress=False)
 
 
 def test_single_task_ablation_and_fixed_weights(data, tmp_path):

@@ -82,9 +82,9 @@ def test_stage1_soft_prompt_overfits_a_handful_of_ta_examples(tmp_path, deep: bo
     assert after >= 0.9, (before, after)
 
 
-def test_stage2_packed_sequence_objective_overfits_a_handful_of_users(tmp_path) -> None:
-    """objective=sequence trains on windows of items, never on candidate sets; it must still rank: the windows'
-    items scored against fixed candidates (the ``next`` verbalizer's prompts) reach HR@1 ≥ 0.9."""
+def _packed_setup() -> tuple:
+    """Stage 2's packed objective on 4 windows of a tiny dataset, and fixed candidates for each window's items."""
+    from delrec.data.splits import Example
     from delrec.finetune import train_windows
 
     ds = tiny_dataset(n_users=24, n_items=60, seed=3)
@@ -96,12 +96,17 @@ def test_stage2_packed_sequence_objective_overfits_a_handful_of_users(tmp_path) 
                                       objective="sequence")
     windows = train_windows(split, cfg)
     assert len(windows) == 4
-    from delrec.data.splits import Example
-
     exs = [Example(0, w[:k], int(w[k])) for w in windows for k in range(1, len(w))]
     cs = draw_candidates(exs, ds, 10, seed=99)
     prompts, titles = lsr_inputs(ds, [e.history for e in exs], cs.items, "movie", "SASRec", 4,
                                  verbalizer="next")
+    return ds, split, sc, cfg, prompts, titles, cs
+
+
+def test_stage2_packed_sequence_objective_overfits_a_handful_of_users(tmp_path) -> None:
+    """objective=sequence trains on windows of items, never on candidate sets; it must still rank: the windows'
+    items scored against fixed candidates (the ``next`` verbalizer's prompts) reach HR@1 ≥ 0.9."""
+    ds, split, sc, cfg, prompts, titles, cs = _packed_setup()
     bb = tiny_backbone("llama", seed=0)
     before = _hr1(sc.scorer(bb), prompts, titles, cs.target_pos)
     bb = finetune(bb, ds, split, None, "SASRec", cfg, tmp_path / "ft", scoring=sc)
@@ -245,21 +250,9 @@ def test_stage2_distillation_needs_the_teacher(tmp_path) -> None:
 def test_stage2_trains_through_a_frozen_deep_soft_prompt(tmp_path) -> None:
     """A deep soft prompt under stage 2's LoRA: its hooks find the peft-wrapped blocks, it stays frozen, it still
     steers the scores, and stage 2 overfits as without it."""
-    from delrec.data.splits import Example
-    from delrec.finetune import train_windows
     from delrec.llm.soft_prompt import SoftPrompt
 
-    ds = tiny_dataset(n_users=24, n_items=60, seed=3)
-    split = make_split(ds, "user", seed=0)
-    sc = ScoringConfig(verbalizer="next")
-    cfg = FinetuneConfig.from_profile("cpu", adapter="lora", target_r=8, lr=0.01, warmup_steps=0, max_steps=60,
-                                      batch_size=4, grad_accum=1, eval_every=80, patience=0, history_len=4,
-                                      max_train_examples=4, max_valid_examples=4, lora_dropout=0.0, seed=0,
-                                      objective="sequence")
-    exs = [Example(0, w[:k], int(w[k])) for w in train_windows(split, cfg) for k in range(1, len(w))]
-    cs = draw_candidates(exs, ds, 10, seed=99)
-    prompts, titles = lsr_inputs(ds, [e.history for e in exs], cs.items, "movie", "SASRec", 4,
-                                 verbalizer="next", soft_prompt=True)
+    ds, split, sc, cfg, prompts, titles, cs = _packed_setup()  # prompts hold the soft prompt slot
     bb = tiny_backbone("llama", seed=0)
     soft = SoftPrompt.init_for(bb, SoftPromptConfig(num_tokens=4, deep=True)).freeze()
     with torch.no_grad():

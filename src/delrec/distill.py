@@ -629,7 +629,8 @@ def _save_checkpoint(path: Path, cfg: DistillConfig, soft: SoftPrompt, opt: torc
     Data order and learning rate are functions of the step, so nothing else is needed to resume exactly.
     """
     sd = opt.state_dict()
-    tensors = {"soft_prompt": soft.weight.detach().cpu().contiguous(), "torch_rng": torch.get_rng_state()}
+    tensors = {"soft_prompt": soft.weight.detach().cpu().contiguous(), "torch_rng": torch.get_rng_state(),
+               "soft_prompt_scale": soft.scale.detach().cpu().contiguous()}  # a deep prompt's units
     scalars: dict[str, Any] = {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -654,8 +655,14 @@ def _load_checkpoint(path: Path, cfg: DistillConfig, soft: SoftPrompt, opt: torc
         raise ConfigError(f"{out_dir} holds a stage-1 checkpoint made with a different configuration; use a new "
                           "output folder or delete the old one", file=path / "state.json", field="distill")
     tensors = load_file(str(path / "checkpoint.safetensors"))
+    if tuple(tensors["soft_prompt"].shape) != tuple(soft.weight.shape):
+        raise ConfigError(f"{out_dir} holds a stage-1 checkpoint of a soft prompt of shape "
+                          f"{list(tensors['soft_prompt'].shape)}, not {list(soft.weight.shape)}; use a new output "
+                          "folder or delete the old one", file=path / "checkpoint.safetensors", field="soft_prompt")
     with torch.no_grad():
         soft.weight.copy_(tensors["soft_prompt"].to(soft.weight.device))
+        if "soft_prompt_scale" in tensors:
+            soft.scale.copy_(tensors["soft_prompt_scale"].to(soft.scale.device))
     opt_state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         if key.startswith("opt."):

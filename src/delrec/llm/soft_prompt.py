@@ -3,8 +3,9 @@
 
 With ``deep=True`` (deep prompt tuning, P-Tuning v2 — Liu et al. 2022) the soft positions also get learned vectors
 at the input of every transformer block, not only at the embeddings: an input-only prompt of 20 tokens does not move
-a 135M-parameter LM's ranking (benchmarks/results/stage1_log.md, and Lester et al. 2021: prompt tuning needs
-billions of parameters to match fine-tuning), while a deep one steers every layer.
+a 135M-parameter LM (benchmarks/results/stage1_log.md; Lester et al. 2021: prompt tuning needs billions of
+parameters to match fine-tuning). On SmolLM2 the deep prompt learns both stage-1 tasks where the input prompt does
+not, though the ranking has not followed (stage1_log S10).
 
 Saved like a peft adapter: ``soft_prompt.safetensors`` (one tensor, ``weight``: [P, d], or [L, P, d] when deep, row
 0 the embeddings and row l the input of block l) + ``soft_prompt_config.json``.
