@@ -3,7 +3,8 @@
 Two auxiliary tasks train the same soft prompt, in lock-step batches:
 
 - Temporal Analysis (TA, `build_ta_examples`): recover a masked most-recent item from the item that follows it.
-- Recommendation Pattern Simulating (RPS, `build_rps_examples`): predict the teacher's top-1 from its top-2..k.
+- Recommendation Pattern Simulating (RPS, `build_rps_examples`): predict the teacher's top-1 from its top-2..k;
+  or (``rps_form=ranking``, `build_rps_ranking`) rank a next-item candidate set as the teacher does.
 
 Each task's loss is the cross-entropy of the target over the candidates' title log-likelihoods
 (`delrec.llm.scoring.TitleScorer`); the two losses are combined with the inverse-gradient-norm weights of
@@ -52,8 +53,11 @@ from delrec.llm.prompts import render_lsr as prompts_lsr
 from delrec.llm.scoring import TitleScorer, prior_scores
 from delrec.llm.soft_prompt import SoftPrompt, SoftPromptConfig
 from delrec.metrics import choose_prior_weight, hit_rate, ndcg, prior_record, ranks_from_scores
+from delrec.teachers import SeqRecommender
+from delrec.teachers import score_candidates as teacher_scores
 
 TASKS = ("ta", "rps")
+RPS_FORMS = ("candidates", "sequence", "ranking")
 TA_MIN_LEN = 6  # items 1-4 feed the demo; the query needs items 4..n-2 (≥ 1 item), the masked n-1 and the given n
 LogFn = Callable[[str, float, int], None]
 
@@ -89,7 +93,10 @@ class DistillConfig:
     rps_form: str = field(default="candidates", metadata={
         "help": "candidates (paper: the teacher's top-1 among its top-k + random items) | sequence (the history, "
                 "then the teacher's greedy teacher_k-step roll-out, each step scored as the next entry in one pass; "
-                "needs scoring.verbalizer=next)"})
+                "needs scoring.verbalizer=next) | ranking (a training prefix's next item + random items on the "
+                "stage-2 prompt; the target is the teacher's softmax over them: its whole ranking, not its argmax)"})
+    rps_temperature: float = field(default=1.0, metadata={
+        "help": "rps_form=ranking: temperature of the teacher's softmax over the candidates"})
     seed: int = field(default=1234, metadata={"help": "seed of example building, data order and init"})
     train_examples: int | None = field(default=None, metadata={"help": "cap on examples per task (None: all)"})
     eval_examples: int | None = field(default=200, metadata={"help": "cap on validation users (None: all)"})
@@ -99,8 +106,10 @@ class DistillConfig:
         def bad(name: str, msg: str) -> ConfigError:
             return ConfigError(msg, field=f"distill.{name}")
 
-        if self.rps_form not in ("candidates", "sequence"):
-            raise bad("rps_form", f"must be candidates or sequence, got {self.rps_form!r}")
+        if self.rps_form not in RPS_FORMS:
+            raise bad("rps_form", f"must be one of {', '.join(RPS_FORMS)}, got {self.rps_form!r}")
+        if not (self.rps_temperature > 0 and math.isfinite(self.rps_temperature)):
+            raise bad("rps_temperature", f"must be a finite number > 0, got {self.rps_temperature!r}")
         if not self.tasks or any(t not in TASKS for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
             raise bad("tasks", f"must be a non-empty subset of {list(TASKS)}, got {self.tasks!r}")
         if self.weighting not in ("dynamic", "fixed"):
@@ -260,8 +269,22 @@ def build_rps_rollouts(split: Split, rollouts: np.ndarray, history_len: int) -> 
     return out
 
 
+def build_rps_ranking(split: Split, dataset: SeqDataset, teacher: SeqRecommender, size: int, seed: int,
+                      cap: int | None, temperature: float = 1.0) -> tuple[list[Example], CandidateSet, np.ndarray]:
+    """Ranking RPS (``rps_form=ranking``): every prefix of every training sequence (seeded ``cap``), its next item
+    + ``size - 1`` negatives outside the user's sequence, as stage 2 sees them, and the teacher's softmax over
+    those candidates (``[N, size]`` float32 rows) as the target."""
+    examples = _cap(split.examples("train", sliding=True), cap, seed)
+    if not examples:
+        return [], draw_candidates([], dataset, size=size, seed=seed), np.zeros((0, size), dtype=np.float32)
+    cands = draw_candidates(examples, dataset, size=size, seed=seed)
+    logits = torch.as_tensor(teacher_scores(teacher, [ex.history for ex in examples], cands.items)) / temperature
+    return examples, cands, torch.softmax(logits.double(), dim=1).float().numpy()
+
+
 # --- rendering examples into (prompt, candidate titles, target column) ------------------------------------------
-# Candidate tasks: (prompts, candidate titles, target column); sequence tasks: (heads, item titles, skips).
+# Candidate tasks: (prompts, candidate titles, target column or [N, C] target distribution); sequence tasks: (heads,
+# item titles, skips).
 Rendered = tuple[list[str], list[list[str]], np.ndarray]
 
 
@@ -381,14 +404,16 @@ BEST_DIR = "soft_prompt"
 HISTORY_FILE = "history.json"
 
 
-def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk: np.ndarray, teacher_name: str,
+def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk: np.ndarray | None, teacher_name: str,
             cfg: DistillConfig, out_dir: Path, valid_candidates: CandidateSet | None = None,
             soft_prompt_cfg: SoftPromptConfig | None = None, *, log: LogFn | None = None,
-            progress: bool = True, scoring: ScoringConfig | None = None) -> SoftPrompt:
+            progress: bool = True, scoring: ScoringConfig | None = None,
+            teacher: SeqRecommender | None = None) -> SoftPrompt:
     """Train a soft prompt on the frozen ``backbone`` with TA/RPS; return the best one (also in out_dir/soft_prompt).
 
     ``teacher_topk[i]``: the teacher's top-k for ``split.train_sequences[i]`` (history items excluded); with
-    ``rps_form=sequence`` its greedy roll-out (`delrec.teachers.predict_rollout`).
+    ``rps_form=sequence`` its greedy roll-out (`delrec.teachers.predict_rollout`). ``teacher``: the trained SR
+    model itself, which ``rps_form=ranking`` reads instead (its scores of each example's candidates).
     ``valid_candidates``: frozen candidate rows for ``split.examples("valid")`` (drawn with cfg.seed if None).
     Resumes from ``out_dir/checkpoint`` when present (same config except max_steps/patience). Writes
     ``history.json`` (per-step losses and task weights, evaluations) and ``distill_summary.json``.
@@ -400,6 +425,11 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
     year, verb = scoring.year, scoring.verbalizer
     scoring.check_candidates(cfg.candidate_size, "distill.candidate_size")
     packed_rps = "rps" in cfg.tasks and cfg.rps_form == "sequence"
+    ranking_rps = "rps" in cfg.tasks and cfg.rps_form == "ranking"
+    if ranking_rps and teacher is None:
+        raise ConfigError("rps_form=ranking needs the trained teacher", field="distill.rps_form")
+    if "rps" in cfg.tasks and not ranking_rps and teacher_topk is None:
+        raise ConfigError(f"rps_form={cfg.rps_form} needs the teacher's exported top-k", field="distill.rps_form")
     if packed_rps and (verb != "next" or backbone.kind != "causal"):
         raise ConfigError("rps_form=sequence needs scoring.verbalizer=next and a causal LM backbone, got "
                           f"verbalizer {verb!r} on a {backbone.kind} model", field="distill.rps_form")
@@ -421,7 +451,15 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
         tasks["rps"] = render_rps_rollouts(_cap(build_rps_rollouts(split, teacher_topk[:, :cfg.teacher_k],
                                                                    cfg.history_len), cfg.train_examples, cfg.seed),
                                            dataset, teacher_name, domain, year=year)
+    elif ranking_rps:
+        assert teacher is not None
+        ex_rank, cands_rank, probs = build_rps_ranking(split, dataset, teacher, cfg.candidate_size, cfg.seed,
+                                                       cfg.train_examples, cfg.rps_temperature)
+        prompts_rank, titles_rank, _ = render_lsr(ex_rank, cands_rank, dataset, teacher_name, cfg.history_len,
+                                                  domain, year=year, verbalizer=verb)
+        tasks["rps"] = (prompts_rank, titles_rank, probs)
     elif "rps" in cfg.tasks:
+        assert teacher_topk is not None
         ex_rps = _cap(build_rps_examples(split, dataset, teacher_topk, cfg.candidate_size,
                                          np.random.default_rng([cfg.seed, 2]), k=cfg.teacher_k),
                       cfg.train_examples, cfg.seed)
@@ -555,8 +593,8 @@ def _batch_rows(n: int, batch: int, step: int, seed: int, task: str) -> np.ndarr
 
 
 def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int) -> tuple[float, torch.Tensor]:
-    """Mean cross-entropy of the target over candidate scores for ``rows``, and its gradient w.r.t. the soft prompt
-    (accumulated over micro-batches of ``micro`` examples)."""
+    """Mean cross-entropy of the target (a column, or a distribution over the candidates) over candidate scores for
+    ``rows``, and its gradient w.r.t. the soft prompt (accumulated over micro-batches of ``micro`` examples)."""
     prompts, cands, target = data
     weight = scorer.soft_prompt.weight  # type: ignore[union-attr]
     grad = torch.zeros_like(weight)
@@ -649,8 +687,9 @@ def _save_checkpoint(path: Path, cfg: DistillConfig, soft: SoftPrompt, opt: torc
 def _load_checkpoint(path: Path, cfg: DistillConfig, soft: SoftPrompt, opt: torch.optim.Optimizer,
                      out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = read_json(path / "state.json")
-    if isinstance(meta.get("config"), dict):  # checkpoints from before packed RPS
+    if isinstance(meta.get("config"), dict):  # checkpoints from before packed and ranking RPS
         meta["config"].setdefault("rps_form", "candidates")
+        meta["config"].setdefault("rps_temperature", 1.0)
     if meta.get("config") != _resume_key(cfg):
         raise ConfigError(f"{out_dir} holds a stage-1 checkpoint made with a different configuration; use a new "
                           "output folder or delete the old one", file=path / "state.json", field="distill")

@@ -587,6 +587,14 @@ def _trained_teacher(run: Run, name: str, device: Any = "cpu") -> Any:
     return SeqRecommender.from_pretrained(model_dir, device=device)
 
 
+def _distill_teacher(run: Run) -> Any:
+    """The trained teacher that stages 1–2 distil (``teachers.distill_from``), on its configured device."""
+    from delrec.teachers.base import resolve_device
+
+    name = run.cfg.teachers.distill_from
+    return _trained_teacher(run, name, device=resolve_device(run.cfg.teachers.config(name).device))
+
+
 def export_teacher_topk(run: Run, name: str, k: int | None = None, part: str = "train",
                         dest: Path | None = None, rollout: bool = False) -> Path:
     """The teacher's top-k for each prefix of ``part`` (train: each full training sequence), rows aligned; with
@@ -637,19 +645,24 @@ def distill_stage(run: Run, backbone: Any, log: Callable[..., None] | None = Non
     if run.done("distill") and soft_prompt_dir(run.dir).is_dir():
         return SoftPrompt.from_pretrained(soft_prompt_dir(run.dir), device=backbone.device)
     teacher = cfg.teachers.distill_from
-    if cfg.distill.rps_form == "sequence":  # packed RPS: the teacher's greedy roll-out, not its top-k
+    topk, model = None, None
+    if "rps" in cfg.distill.tasks and cfg.distill.rps_form == "ranking":  # the teacher scores each example's candidates
+        model = _distill_teacher(run)
+    elif cfg.distill.rps_form == "sequence":  # packed RPS: the teacher's greedy roll-out, not its top-k
         k = cfg.distill.teacher_k
         topk_file = run.dir / "teachers" / teacher / f"rollout{k}_train.parquet"
         if not topk_file.is_file():
             export_teacher_topk(run, teacher, k=k, part="train", rollout=True)
+        topk = _load_topk(topk_file)
     else:
         topk_file = run.dir / "teachers" / teacher / "topk_train.parquet"
         if not topk_file.is_file():
             export_teacher_topk(run, teacher, part="train")
+        topk = _load_topk(topk_file)
     t0 = time.perf_counter()
-    soft = distill(backbone, run.dataset, run.split, _load_topk(topk_file), TEACHER_NAMES[teacher], cfg.distill,
+    soft = distill(backbone, run.dataset, run.split, topk, TEACHER_NAMES[teacher], cfg.distill,
                    out, valid_candidates=run.candidates("valid"), soft_prompt_cfg=cfg.soft_prompt, log=log,
-                   scoring=cfg.scoring)
+                   scoring=cfg.scoring, teacher=model)
     run.mark("distill", seconds=round(time.perf_counter() - t0, 1))
     return soft
 
@@ -667,10 +680,7 @@ def finetune_stage(run: Run, backbone: Any, soft_prompt: Any, log: Callable[...,
     t0 = time.perf_counter()
     teacher = None
     if run.cfg.finetune.distill_weight > 0:  # the teacher's distribution is part of stage 2's loss
-        from delrec.teachers.base import resolve_device
-
-        name = run.cfg.teachers.distill_from
-        teacher = _trained_teacher(run, name, device=resolve_device(run.cfg.teachers.config(name).device))
+        teacher = _distill_teacher(run)
     backbone = finetune(backbone, run.dataset, run.split, soft_prompt, TEACHER_NAMES[run.cfg.teachers.distill_from],
                         run.cfg.finetune, out, valid_candidates=run.candidates("valid"), log=log,
                         scoring=run.cfg.scoring, teacher=teacher)
