@@ -97,6 +97,9 @@ class DistillConfig:
                 "stage-2 prompt; the target is the teacher's softmax over them: its whole ranking, not its argmax)"})
     rps_temperature: float = field(default=1.0, metadata={
         "help": "rps_form=ranking: temperature of the teacher's softmax over the candidates"})
+    rps_standardize: bool = field(default=False, metadata={
+        "help": "rps_form=ranking: z-score each row's candidate scores, the teacher's and the LM's, before the "
+                "softmax (logit standardisation), so the loss compares orderings, not the two models' scales"})
     seed: int = field(default=1234, metadata={"help": "seed of example building, data order and init"})
     train_examples: int | None = field(default=None, metadata={"help": "cap on examples per task (None: all)"})
     eval_examples: int | None = field(default=200, metadata={"help": "cap on validation users (None: all)"})
@@ -270,16 +273,25 @@ def build_rps_rollouts(split: Split, rollouts: np.ndarray, history_len: int) -> 
 
 
 def build_rps_ranking(split: Split, dataset: SeqDataset, teacher: SeqRecommender, size: int, seed: int,
-                      cap: int | None, temperature: float = 1.0) -> tuple[list[Example], CandidateSet, np.ndarray]:
+                      cap: int | None, temperature: float = 1.0, standardize: bool = False
+                      ) -> tuple[list[Example], CandidateSet, np.ndarray]:
     """Ranking RPS (``rps_form=ranking``): every prefix of every training sequence (seeded ``cap``), its next item
     + ``size - 1`` negatives outside the user's sequence, as stage 2 sees them, and the teacher's softmax over
-    those candidates (``[N, size]`` float32 rows) as the target."""
+    those candidates (``[N, size]`` float32 rows; of z-scored scores with ``standardize``) as the target."""
     examples = _cap(split.examples("train", sliding=True), cap, seed)
     if not examples:
         return [], draw_candidates([], dataset, size=size, seed=seed), np.zeros((0, size), dtype=np.float32)
     cands = draw_candidates(examples, dataset, size=size, seed=seed)
-    logits = torch.as_tensor(teacher_scores(teacher, [ex.history for ex in examples], cands.items)) / temperature
-    return examples, cands, torch.softmax(logits.double(), dim=1).float().numpy()
+    logits = torch.as_tensor(teacher_scores(teacher, [ex.history for ex in examples], cands.items)).double()
+    if standardize:
+        logits = zscore(logits)
+    return examples, cands, torch.softmax(logits / temperature, dim=1).float().numpy()
+
+
+def zscore(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's scores less their mean, over their standard deviation (a constant row becomes zeros)."""
+    centred = scores - scores.mean(dim=-1, keepdim=True)
+    return centred / centred.std(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
 # --- rendering examples into (prompt, candidate titles, target column) ------------------------------------------
@@ -454,7 +466,7 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
     elif ranking_rps:
         assert teacher is not None
         ex_rank, cands_rank, probs = build_rps_ranking(split, dataset, teacher, cfg.candidate_size, cfg.seed,
-                                                       cfg.train_examples, cfg.rps_temperature)
+                                                       cfg.train_examples, cfg.rps_temperature, cfg.rps_standardize)
         prompts_rank, titles_rank, _ = render_lsr(ex_rank, cands_rank, dataset, teacher_name, cfg.history_len,
                                                   domain, year=year, verbalizer=verb)
         tasks["rps"] = (prompts_rank, titles_rank, probs)
@@ -504,8 +516,11 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
             losses, grads = {}, {}
             for name, data in tasks.items():
                 rows = _batch_rows(len(data[0]), cfg.batch_size, step, cfg.seed, name)
-                task_grad = _sequence_grad if name == "rps" and packed_rps else _task_grad
-                losses[name], grads[name] = task_grad(scorer, data, rows, cfg.micro_batch_size)
+                if name == "rps" and packed_rps:
+                    losses[name], grads[name] = _sequence_grad(scorer, data, rows, cfg.micro_batch_size)
+                else:
+                    scale = 1 / cfg.rps_temperature if name == "rps" and ranking_rps and cfg.rps_standardize else None
+                    losses[name], grads[name] = _task_grad(scorer, data, rows, cfg.micro_batch_size, scale)
             names = list(tasks)
             if len(names) == 1:
                 w = torch.ones(1)
@@ -592,9 +607,11 @@ def _batch_rows(n: int, batch: int, step: int, seed: int, task: str) -> np.ndarr
     return np.array([perms[int(e)][i] for e, i in zip(epochs, within, strict=True)], dtype=np.int64)
 
 
-def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int) -> tuple[float, torch.Tensor]:
+def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int, zscale: float | None = None
+               ) -> tuple[float, torch.Tensor]:
     """Mean cross-entropy of the target (a column, or a distribution over the candidates) over candidate scores for
-    ``rows``, and its gradient w.r.t. the soft prompt (accumulated over micro-batches of ``micro`` examples)."""
+    ``rows``, and its gradient w.r.t. the soft prompt (accumulated over micro-batches of ``micro`` examples).
+    ``zscale``: the scores are z-scored per row and multiplied by it first (``rps_standardize``)."""
     prompts, cands, target = data
     weight = scorer.soft_prompt.weight  # type: ignore[union-attr]
     grad = torch.zeros_like(weight)
@@ -602,6 +619,8 @@ def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int
     for s in range(0, len(rows), micro):
         r = rows[s:s + micro]
         scores = scorer.score([prompts[i] for i in r], [cands[i] for i in r])  # [m, C]
+        if zscale is not None:
+            scores = zscore(scores) * zscale
         y = torch.as_tensor(target[r], device=scores.device)
         loss = F.cross_entropy(scores, y, reduction="sum") / len(rows)
         (g,) = torch.autograd.grad(loss, [weight])
@@ -690,6 +709,7 @@ def _load_checkpoint(path: Path, cfg: DistillConfig, soft: SoftPrompt, opt: torc
     if isinstance(meta.get("config"), dict):  # checkpoints from before packed and ranking RPS
         meta["config"].setdefault("rps_form", "candidates")
         meta["config"].setdefault("rps_temperature", 1.0)
+        meta["config"].setdefault("rps_standardize", False)
     if meta.get("config") != _resume_key(cfg):
         raise ConfigError(f"{out_dir} holds a stage-1 checkpoint made with a different configuration; use a new "
                           "output folder or delete the old one", file=path / "state.json", field="distill")
