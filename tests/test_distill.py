@@ -136,6 +136,9 @@ def test_lr_schedule():
     ({"max_steps": 900}, "distill.max_steps"), ({"warmup_steps": 900}, "distill.warmup_steps"),
     ({"teacher_k": 30}, "distill.teacher_k"), ({"select_metric": "MRR"}, "distill.select_metric"),
     ({"batch_size": 0}, "distill.batch_size"), ({"domain": "books"}, "dataset.domain"),
+    ({"rps_form": "argmax"}, "distill.rps_form"),
+    ({"rps_form": "ranking", "rps_temperature": 0}, "distill.rps_temperature"),
+    ({"rps_standardize": True}, "distill.rps_standardize"), ({"rps_temperature": 0.5}, "distill.rps_temperature"),
 ])
 def test_config_validation(kwargs, fld):
     with pytest.raises(ConfigError) as e:

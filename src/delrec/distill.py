@@ -113,6 +113,9 @@ class DistillConfig:
             raise bad("rps_form", f"must be one of {', '.join(RPS_FORMS)}, got {self.rps_form!r}")
         if not (self.rps_temperature > 0 and math.isfinite(self.rps_temperature)):
             raise bad("rps_temperature", f"must be a finite number > 0, got {self.rps_temperature!r}")
+        if self.rps_form != "ranking" and (self.rps_standardize or self.rps_temperature != 1.0):
+            name = "rps_standardize" if self.rps_standardize else "rps_temperature"
+            raise bad(name, f"applies to rps_form=ranking only (rps_form is {self.rps_form})")
         if not self.tasks or any(t not in TASKS for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
             raise bad("tasks", f"must be a non-empty subset of {list(TASKS)}, got {self.tasks!r}")
         if self.weighting not in ("dynamic", "fixed"):
