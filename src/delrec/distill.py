@@ -282,8 +282,6 @@ def build_rps_ranking(split: Split, dataset: SeqDataset, teacher: SeqRecommender
     + ``size - 1`` negatives outside the user's sequence, as stage 2 sees them, and the teacher's softmax over
     those candidates (``[N, size]`` float32 rows; of z-scored scores with ``standardize``) as the target."""
     examples = _cap(split.examples("train", sliding=True), cap, seed)
-    if not examples:
-        return [], draw_candidates([], dataset, size=size, seed=seed), np.zeros((0, size), dtype=np.float32)
     cands = draw_candidates(examples, dataset, size=size, seed=seed)
     logits = torch.as_tensor(teacher_scores(teacher, [ex.history for ex in examples], cands.items)).double()
     if standardize:
@@ -480,6 +478,8 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
                       cfg.train_examples, cfg.seed)
         tasks["rps"] = render_rps(ex_rps, dataset, teacher_name, cfg.history_len, domain, year=year,
                                   verbalizer=verb)
+    # rps_standardize: the LM's candidate scores are z-scored (and over the temperature) as the teacher's were
+    zscale = {"rps": 1 / cfg.rps_temperature} if ranking_rps and cfg.rps_standardize else {}
     for name, (prompts, _, _) in tasks.items():
         if not prompts:
             raise DataError(f"no {name.upper()} training examples (TA needs sequences of >= {TA_MIN_LEN} items)",
@@ -522,8 +522,7 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
                 if name == "rps" and packed_rps:
                     losses[name], grads[name] = _sequence_grad(scorer, data, rows, cfg.micro_batch_size)
                 else:
-                    scale = 1 / cfg.rps_temperature if name == "rps" and ranking_rps and cfg.rps_standardize else None
-                    losses[name], grads[name] = _task_grad(scorer, data, rows, cfg.micro_batch_size, scale)
+                    losses[name], grads[name] = _task_grad(scorer, data, rows, cfg.micro_batch_size, zscale.get(name))
             names = list(tasks)
             if len(names) == 1:
                 w = torch.ones(1)
