@@ -85,7 +85,9 @@ def test_cpu_profile_is_small_and_overridable() -> None:
     ("lora_dropout", 1.0), ("target_r", 999), ("select_metric", "MRR"), ("target_modules", "everything"),
     ("target_modules", []), ("candidate_size", 1), ("weight_decay", -1e-3), ("tinit", 5000), ("patience", -1),
     ("init_r", True), ("distill_weight", 1.5), ("distill_weight", -0.1), ("distill_weight", "half"),
-    ("distill_temperature", 0.0),
+    ("distill_temperature", 0.0), ("distill_candidates", -1), ("distill_candidates", True),
+    # the paper profile: objective=candidates, no teacher term — both candidate-level options are refused there
+    ("distill_candidates", 4), ("distill_standardize", True), ("distill_standardize", "yes"),
 ])
 def test_bad_values_raise_config_error_naming_the_field(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:

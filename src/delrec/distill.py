@@ -50,7 +50,7 @@ from delrec.llm.prompts import (
     truncate_history,
 )
 from delrec.llm.prompts import render_lsr as prompts_lsr
-from delrec.llm.scoring import TitleScorer, prior_scores
+from delrec.llm.scoring import TitleScorer, prior_scores, zscore
 from delrec.llm.soft_prompt import SoftPrompt, SoftPromptConfig
 from delrec.metrics import choose_prior_weight, hit_rate, ndcg, prior_record, ranks_from_scores
 from delrec.teachers import SeqRecommender
@@ -287,12 +287,6 @@ def build_rps_ranking(split: Split, dataset: SeqDataset, teacher: SeqRecommender
     if standardize:
         logits = zscore(logits)
     return examples, cands, torch.softmax(logits / temperature, dim=1).float().numpy()
-
-
-def zscore(scores: torch.Tensor) -> torch.Tensor:
-    """Each row's scores less their mean, over their standard deviation (a constant row becomes zeros)."""
-    centred = scores - scores.mean(dim=-1, keepdim=True)
-    return centred / centred.std(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
 # --- rendering examples into (prompt, candidate titles, target column) ------------------------------------------

@@ -46,6 +46,7 @@ from delrec.data.splits import Example, Split
 from delrec.errors import ConfigError, DataError, DelrecError
 from delrec.evaluate import histories_for, lsr_inputs, validation_metrics
 from delrec.io import atomic_dir, atomic_path, read_json, sha256_bytes, write_json
+from delrec.llm.scoring import zscore
 from delrec.llm.title_trie import TitleTrie
 from delrec.teachers import SeqRecommender, predict_proba
 from delrec.teachers import score_candidates as teacher_scores
@@ -110,6 +111,14 @@ class FinetuneConfig:
     # 0 = the paper (the teacher reaches stage 2 only through the soft prompt).
     distill_weight: float = 0.0
     distill_temperature: float = 1.0  # softmax temperature of the teacher's logits in that term
+    # objective=sequence: the teacher's term ranks this many training prefixes per micro-batch (all processes
+    # together) over a candidate set each — the next item + candidate_size−1 negatives outside the user's sequence,
+    # on the stage-2 prompt, the metric's own form — instead of spelling its distribution along title tokens; 0 = off.
+    distill_candidates: int = 0
+    # Z-score each candidate set's scores, the LM's and the teacher's, before the softmaxes of the candidate-level
+    # teacher term (both then over distill_temperature): it compares orderings, not the two models' scales
+    # (summed title log-likelihoods are far more peaked than a teacher's softmax; stage1_log S13 vs S15).
+    distill_standardize: bool = False
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
     profile: str = "paper"  # the preset these values started from (recorded only)
@@ -147,6 +156,18 @@ class FinetuneConfig:
             raise bad("distill_weight", "must be in [0, 1]")
         if self.distill_temperature <= 0:
             raise bad("distill_temperature", "must be a positive number")
+        if isinstance(self.distill_candidates, bool) or not isinstance(self.distill_candidates, int) \
+                or self.distill_candidates < 0:
+            raise bad("distill_candidates", "must be a non-negative integer")
+        if not isinstance(self.distill_standardize, bool):
+            raise bad("distill_standardize", "must be true or false")
+        if self.distill_candidates and (self.objective != "sequence" or not self.distill_weight):
+            raise bad("distill_candidates", "needs objective=sequence and distill_weight > 0 (with objective="
+                                            "candidates the teacher's term is over each example's candidates already)")
+        if self.distill_standardize and (not self.distill_weight or
+                                         (self.objective == "sequence" and not self.distill_candidates)):
+            raise bad("distill_standardize", "applies to a candidate-level teacher term only: needs distill_weight "
+                                             "> 0 and objective=candidates or distill_candidates > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", "must be in [0, 1)")
         if self.candidate_size < 2:
@@ -353,6 +374,16 @@ def window_targets(teacher: SeqRecommender, trie: TitleTrie, windows: Sequence[n
     return [trie.targets(item, probs[r]) for r, item in enumerate(items)]
 
 
+def candidate_distill_loss(scores: torch.Tensor, teacher_logits: np.ndarray, cfg: FinetuneConfig) -> torch.Tensor:
+    """Cross-entropy of the LM's softmax over each candidate set ([B, C] scores) against the teacher's softmax at
+    ``distill_temperature``; with ``distill_standardize`` both rows are z-scored first and both divided by it."""
+    s = scores.float()
+    t = torch.as_tensor(teacher_logits, device=s.device, dtype=torch.float32)
+    if cfg.distill_standardize:
+        s, t = zscore(s) / cfg.distill_temperature, zscore(t)
+    return F.cross_entropy(s, torch.softmax(t / cfg.distill_temperature, dim=1))
+
+
 def lr_lambda(step: int, *, warmup: int, total: int) -> float:
     """Linear warm-up then linear decay to 0 at ``total``; the first update already has lr/(warmup+1), not 0 (the
     transformers schedule spends a whole update at lr 0, a large share of a 30-update CPU budget)."""
@@ -555,6 +586,17 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     if kd and teacher is None:
         raise ConfigError(f"distill_weight {cfg.distill_weight} needs the trained teacher ({teacher_name})",
                           field="finetune.distill_weight")
+    rank_kd = kd and sequence and cfg.distill_candidates > 0  # the teacher's term over candidate sets (below)
+    prefixes: list[Example] = []
+    if rank_kd:
+        if cfg.distill_candidates % world:
+            raise ConfigError(f"distill_candidates {cfg.distill_candidates} must be a multiple of the {world} "
+                              "processes", field="finetune.distill_candidates")
+        scoring.check_candidates(cfg.candidate_size, "finetune.candidate_size")
+        prefixes = split.examples("train", sliding=True)  # training prefixes only: no validation or test target
+        if len(prefixes) < cfg.distill_candidates:
+            raise ConfigError(f"only {len(prefixes)} training prefixes, fewer than distill_candidates "
+                              f"{cfg.distill_candidates}", field="finetune.distill_candidates")
     examples: list[Any] = train_windows(split, cfg) if sequence else train_examples(split, cfg)
     if len(examples) < cfg.batch_size:
         raise ConfigError(f"only {len(examples)} training examples, fewer than one batch of {cfg.batch_size}",
@@ -576,7 +618,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     backbone.model = model
     scorer = scoring.scorer(backbone, soft_prompt)
     trie = None
-    if kd and sequence:
+    if kd and sequence and not rank_kd:
         views = title_views(dataset, scoring.year)
         trie = TitleTrie([[] if i == 0 else scorer.encode_title(views.scored[i])
                           for i in range(dataset.n_items + 1)])
@@ -625,6 +667,21 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                                   cfg.eval_batch_size or cfg.batch_size, scoring=scoring, metric=cfg.select_metric,
                                   state=accelerator.state, soft_prompt=soft_prompt is not None)
 
+    def rank_distill(epoch: int, batch: int) -> torch.Tensor:
+        """The teacher's term over candidate sets for one micro-batch: ``distill_candidates`` training prefixes
+        (seeded by the micro-batch, so a resumed run draws the same), this process's share of them."""
+        assert teacher is not None
+        rng = np.random.default_rng([cfg.seed, epoch, batch])
+        pick = rng.choice(len(prefixes), cfg.distill_candidates, replace=False)
+        per = cfg.distill_candidates // world
+        exs = [prefixes[i] for i in pick[rank * per:(rank + 1) * per]]
+        cs = draw_candidates(exs, dataset, size=cfg.candidate_size, seed=int(rng.integers(2**31)))
+        hists = [e.history for e in exs]
+        prompts, titles = lsr_inputs(dataset, hists, cs.items, domain, teacher_name, cfg.history_len,
+                                     soft_prompt=soft_prompt is not None, year=scoring.year,
+                                     verbalizer=scoring.verbalizer)
+        return candidate_distill_loss(wrapped(prompts, titles), teacher_scores(teacher, hists, cs.items), cfg)
+
     def record(entry: dict[str, Any]) -> None:
         st["history"].append(entry)
         if main and log is not None:
@@ -655,21 +712,31 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                     windows = [examples[i] for i in rows]
                     prompts, items = render_windows(title_views(dataset, scoring.year), domain, teacher_name,
                                                     windows, soft_prompt=soft_prompt is not None)
-                    if trie is not None:
-                        assert teacher is not None
-                        item_scores, item_kd = wrapped(prompts, items, sequence=True,
-                                                       targets=window_targets(teacher, trie, windows, cfg))
-                    else:
-                        item_scores, item_kd = wrapped(prompts, items, sequence=True), None
-                    # Normalised by the whole global micro-batch's item count, times the processes DDP averages
-                    # over: N processes then follow the single-process mean although windows differ in length.
-                    n_items = torch.tensor(item_scores.numel(), device=accelerator.device)
-                    n_global = accelerator.reduce(n_items, "sum") if world > 1 else n_items
-                    nll = -item_scores.sum() * world / n_global
-                    loss = nll
-                    if item_kd is not None:
-                        kd_loss = item_kd.sum() * world / n_global
-                        loss = (1 - cfg.distill_weight) * nll + cfg.distill_weight * kd_loss
+                    # With the candidate-level teacher term the window term is backpropagated on its own, unsynced
+                    # (DDP fixes the sync at forward time); the teacher's forward/backward then carries the sync.
+                    with accelerator.no_sync(wrapped) if rank_kd else contextlib.nullcontext():
+                        if trie is not None:
+                            assert teacher is not None
+                            item_scores, item_kd = wrapped(prompts, items, sequence=True,
+                                                           targets=window_targets(teacher, trie, windows, cfg))
+                        else:
+                            item_scores, item_kd = wrapped(prompts, items, sequence=True), None
+                        # Normalised by the whole global micro-batch's item count, times the processes DDP
+                        # averages over: N processes then follow the single-process mean although windows differ
+                        # in length.
+                        n_items = torch.tensor(item_scores.numel(), device=accelerator.device)
+                        n_global = accelerator.reduce(n_items, "sum") if world > 1 else n_items
+                        nll = -item_scores.sum() * world / n_global
+                        loss = nll
+                        if item_kd is not None:
+                            kd_loss = item_kd.sum() * world / n_global
+                            loss = (1 - cfg.distill_weight) * nll + cfg.distill_weight * kd_loss
+                            kd_sum += float(kd_loss.detach())
+                        if rank_kd:
+                            accelerator.backward((1 - cfg.distill_weight) * nll / cfg.grad_accum)
+                    if rank_kd:
+                        kd_loss = rank_distill(st["epoch"], st["batch"])
+                        loss = (1 - cfg.distill_weight) * nll.detach() + cfg.distill_weight * kd_loss
                         kd_sum += float(kd_loss.detach())
                     seen += item_scores.numel()
                 else:
@@ -684,13 +751,12 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                     if kd:  # the teacher's softmax over the same candidates as soft labels
                         assert teacher is not None
                         t_scores = teacher_scores(teacher, [examples[i].history for i in rows], cands.items[rows])
-                        soft = torch.softmax(torch.as_tensor(t_scores, device=accelerator.device)
-                                             / cfg.distill_temperature, dim=1)
-                        kd_loss = F.cross_entropy(scores.float(), soft)
+                        kd_loss = candidate_distill_loss(scores, t_scores, cfg)
                         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd_loss
                         kd_sum += float(kd_loss.detach())
                     seen += len(rows)
-                total = loss / cfg.grad_accum
+                # the window term of a candidate-level teacher term was backpropagated above
+                total = (cfg.distill_weight * kd_loss if rank_kd else loss) / cfg.grad_accum
                 if last and adalora and cfg.orth_reg_weight > 0:
                     total = total + cfg.orth_reg_weight * orthogonal_regularizer(model)
                 accelerator.backward(total)
@@ -821,6 +887,8 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any], model: nn.Modu
     # checkpoints from before the packed objective trained one example per prompt
     if isinstance(old.get("config"), dict):
         old["config"].setdefault("objective", "candidates")
+        old["config"].setdefault("distill_candidates", 0)  # … and before the candidate-level teacher term options
+        old["config"].setdefault("distill_standardize", False)
     if isinstance(old.get("scoring"), dict):  # … and from before scoring.prior_weight, which was 0 then
         old["scoring"].setdefault("prior_weight", 0.0)
     def flat(d: dict[str, Any]) -> dict[str, Any]:

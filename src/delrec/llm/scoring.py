@@ -451,6 +451,13 @@ class TitleScorer:
         return both[0], both[1]
 
 
+def zscore(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's scores less their mean, over their standard deviation (a constant row becomes zeros): ranking
+    losses on z-scored rows compare two models' orderings of a candidate set, not their scales."""
+    centred = scores - scores.mean(dim=-1, keepdim=True)
+    return centred / centred.std(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def prior_scores(scorer: TitleScorer, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                  progress: bool = False, cache: dict[tuple[str, str], float] | None = None) -> np.ndarray:
     """[B, C] score of each candidate after its row's prompt, each distinct (prompt, title) pair scored once.
