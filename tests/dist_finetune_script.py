@@ -2,8 +2,8 @@
 
 Usage: ``python tests/dist_finetune_script.py OUT [OBJECTIVE]`` or
 ``torchrun --nproc_per_node=2 tests/dist_finetune_script.py OUT [OBJECTIVE]`` (candidates | sequence: packed windows
-scored with the next verbalizer). Writes ``OUT/finetune/`` (adapter, history)
-and ``OUT/result.json`` (test scores and metrics), from the main process only.
+scored with the next verbalizer | sequence-kd: the same plus the teacher's term over candidate sets). Writes
+``OUT/finetune/`` (adapter, history) and ``OUT/result.json`` (test scores and metrics), from the main process only.
 """
 
 from __future__ import annotations
@@ -34,11 +34,20 @@ def main(out: Path, objective: str = "candidates") -> None:
 
     ds = tiny_dataset(n_users=60)  # 6 validation and 6 test users
     split = make_split(ds, "user", seed=0)
-    cfg = FinetuneConfig.from_profile("cpu", **CFG, objective=objective)
-    scoring = ScoringConfig(verbalizer="next" if objective == "sequence" else "title")
+    teacher = None
+    if objective == "sequence-kd":  # packed windows + the teacher's z-scored ranking of 2 candidate sets per batch
+        from delrec.teachers import TeacherConfig, build_teacher
+
+        torch.manual_seed(3)
+        teacher = build_teacher(TeacherConfig(model="sasrec").resolved(), ds.n_items).eval()
+        cfg = FinetuneConfig.from_profile("cpu", **CFG, objective="sequence", distill_weight=0.5,
+                                          distill_candidates=2, distill_standardize=True, candidate_size=10)
+    else:
+        cfg = FinetuneConfig.from_profile("cpu", **CFG, objective=objective)
+    scoring = ScoringConfig(verbalizer="title" if objective == "candidates" else "next")
     sp = tiny_soft_prompt()
     bb = finetune(tiny_backbone("llama", scale=5.0), ds, split, sp, "SASRec", cfg, out / "finetune",
-                  scoring=scoring)
+                  scoring=scoring, teacher=teacher)
     test = split.examples("test")
     cands = draw_candidates(test, ds, size=20, seed=11)
     state = PartialState()

@@ -26,7 +26,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("objective", ["candidates", "sequence"])
+@pytest.mark.parametrize("objective", ["candidates", "sequence", "sequence-kd"])
 def test_two_processes_match_one(tmp_path: Path, objective: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     one = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / "one"), objective], env=env,

@@ -672,15 +672,15 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         (seeded by the micro-batch, so a resumed run draws the same), this process's share of them."""
         assert teacher is not None
         rng = np.random.default_rng([cfg.seed, epoch, batch])
-        pick = rng.choice(len(prefixes), cfg.distill_candidates, replace=False)
-        per = cfg.distill_candidates // world
-        exs = [prefixes[i] for i in pick[rank * per:(rank + 1) * per]]
-        cs = draw_candidates(exs, dataset, size=cfg.candidate_size, seed=int(rng.integers(2**31)))
-        hists = [e.history for e in exs]
-        prompts, titles = lsr_inputs(dataset, hists, cs.items, domain, teacher_name, cfg.history_len,
+        exs = [prefixes[i] for i in rng.choice(len(prefixes), cfg.distill_candidates, replace=False)]
+        # every process draws all the sets (cheap), so each example's negatives do not depend on the process count
+        items = draw_candidates(exs, dataset, size=cfg.candidate_size, seed=int(rng.integers(2**31))).items
+        mine = slice(rank * len(exs) // world, (rank + 1) * len(exs) // world)
+        hists, items = [e.history for e in exs[mine]], items[mine]
+        prompts, titles = lsr_inputs(dataset, hists, items, domain, teacher_name, cfg.history_len,
                                      soft_prompt=soft_prompt is not None, year=scoring.year,
                                      verbalizer=scoring.verbalizer)
-        return candidate_distill_loss(wrapped(prompts, titles), teacher_scores(teacher, hists, cs.items), cfg)
+        return candidate_distill_loss(wrapped(prompts, titles), teacher_scores(teacher, hists, items), cfg)
 
     def record(entry: dict[str, Any]) -> None:
         st["history"].append(entry)
