@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,9 @@ def main() -> None:
     ap.add_argument("--eval-only", type=Path, default=None, metavar="PROBE_DIR",
                     help="do not train: rank with the adapter a finished probe left in PROBE_DIR (e.g. to compare "
                          "scoring settings on one trained adapter)")
+    ap.add_argument("--against", action="append", default=[], metavar="NAME",
+                    help="an earlier probe (ranked with per-row ranks, on the same rows) to compare this one with, "
+                         "paired per row: mean difference with a 95%% bootstrap CI (repeatable)")
     ap.add_argument("--note", default="", help="a remark for the log (e.g. timing shared the CPU with another job)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "probes")
     args = ap.parse_args()
@@ -118,6 +122,7 @@ def main() -> None:
                              prior_weight=scoring.prior_weight)
         ranks = ranks_from_scores(s, vc.target_pos)
         m = summarize(ranks, ci=False)
+        out["ranks"] = ranks.tolist()  # per row, for paired comparisons (--against)
         return {**_row("llm", m), "mean_rank": round(float(ranks.mean()), 3)}, time.perf_counter() - t0
 
     if args.rank_only:
@@ -126,7 +131,7 @@ def main() -> None:
                                                    "soft_prompt": None if soft is None else str(args.soft_prompt)})
         out["valid"], out["valid_s"] = rank()
         print(json.dumps(out["valid"]), flush=True)
-        _append(out)
+        _append(out, args.against)
         return
     if args.zero_shot:
         out["zero_shot"], out["zero_shot_s"] = rank()
@@ -164,11 +169,34 @@ def main() -> None:
                        "scoring": dataclasses.asdict(scoring)})
     out["valid"], out["valid_s"] = rank()
     print(json.dumps(out["valid"]), flush=True)
-    _append(out)
+    _append(out, args.against)
 
 
-def _append(row: dict[str, Any]) -> None:
+def paired_diff(a: list[int], b: list[int], resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Per-row A − B of HR@1 and NDCG@5 (ranks of the same rows): mean and 95% bootstrap CI."""
+    from delrec.metrics import hit_rate, ndcg
+
+    ra, rb = np.asarray(a), np.asarray(b)
+    idx = np.random.default_rng(seed).integers(0, len(ra), size=(resamples, len(ra)))
+    out = {}
+    for k, f in (("HR@1", lambda r: hit_rate(r, 1)), ("NDCG@5", lambda r: ndcg(r, 5))):
+        d = f(ra).astype(np.float64) - f(rb).astype(np.float64)
+        boot = d[idx].mean(axis=1)
+        out[k] = {"mean": round(float(d.mean()), 4), "ci": [round(float(np.quantile(boot, 0.025)), 4),
+                                                           round(float(np.quantile(boot, 0.975)), 4)]}
+    return out
+
+
+def _append(row: dict[str, Any], against: Sequence[str] = ()) -> None:
     LOG.parent.mkdir(parents=True, exist_ok=True)
+    earlier = {r["name"]: r for r in (json.loads(line) for line in LOG.read_text(encoding="utf-8").splitlines()
+                                      if line.strip())} if LOG.is_file() else {}
+    for name in against:
+        other = earlier.get(name)
+        if other is None or "ranks" not in other or other["valid_candidates"] != row["valid_candidates"]:
+            print(f"--against {name}: no earlier probe of that name with per-row ranks on these rows; skipped")
+            continue
+        row.setdefault("paired", {})[name] = paired_diff(row["ranks"], other["ranks"])
     with LOG.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
     write_table()
@@ -198,6 +226,12 @@ def write_table() -> None:
                      f"{r['s_per_example']} | {loss} | {v['HR@1']} | "
                      f"{v['HR@5']} | {v['NDCG@5']} | {v['mean_rank']} | {p['HR@1']} / {p['NDCG@5']} | "
                      f"{r['n_valid']} |")
+    pairs = [(r["name"], b, d) for r in rows for b, d in r.get("paired", {}).items()]
+    if pairs:
+        lines += ["", "Paired per row (the same validation rows): A − B with a 95% bootstrap CI.", "",
+                  "| A | B | ΔHR@1 [95% CI] | ΔNDCG@5 [95% CI] |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | " + " | ".join(f"{d[k]['mean']:+.4f} [{d[k]['ci'][0]:+.3f}, {d[k]['ci'][1]:+.3f}]"
+                                                 for k in ("HR@1", "NDCG@5")) + " |" for a, b, d in pairs]
     write_text(LOG.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
