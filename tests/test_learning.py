@@ -236,11 +236,11 @@ def test_stage2_distillation_over_the_candidates_teaches_the_teachers_choice(tmp
 
 
 def test_stage2_packed_training_with_candidate_distillation_teaches_the_teachers_choice(tmp_path) -> None:
-    """objective=sequence with distill_candidates: besides the packed windows, each update ranks 8 training prefixes
-    over candidate sets and fits the teacher's z-scored softmax over them (distill_standardize; the raw form shares
-    the candidates objective's loss, tested above). With a teacher that always recommends item 7, item 7 wins most
-    stage-2-style candidate sets it is put in after 30 updates (HR@1 ≥ 0.75), from < 0.25 when trained on the
-    windows alone."""
+    """objective=sequence with distill_candidates: beside its packed windows (weight 1 − λ, here 0), each update ranks
+    8 training prefixes over candidate sets and fits the teacher's z-scored softmax over them (distill_standardize;
+    the raw form shares the candidates objective's loss, tested above). With a teacher that always recommends item 7,
+    item 7 wins most stage-2-style candidate sets it is put in after 30 updates (HR@1 ≥ 0.75), from < 0.25 when
+    trained on the windows alone."""
     ds = tiny_dataset(n_users=24, n_items=60, seed=3)
     split = make_split(ds, "user", seed=0)
     sc = ScoringConfig(verbalizer="next", reduce="sum")
