@@ -196,15 +196,22 @@ def test_reuse_copies_only_stages_whose_settings_match(setup: Path, reference: P
     assert reuse_stages(Run(tmp_path / "chain", cfg), out) == ["data", "teacher:sasrec", "teacher:gru4rec"]
 
 
-def test_stage2_distillation_reads_the_run_folders_teacher(setup: Path, reference: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["finetune.distill_candidates=2", "finetune.distill_standardize=true"]],
+                         ids=["title-tokens", "candidate-sets"])
+def test_stage2_distillation_reads_the_run_folders_teacher(setup: Path, reference: Path, tmp_path: Path,
+                                                           extra: list[str]) -> None:
     """finetune.distill_weight > 0: stage 2 loads `teachers.distill_from` from the run folder and logs the
-    distillation loss beside the training loss; every other stage is reused."""
+    distillation loss beside the training loss — along title tokens, or over candidate sets of training prefixes
+    (distill_candidates); every other stage is reused."""
     out = tmp_path / "kd"
-    proc = subprocess.run([*_cmd(setup, out), "--reuse", str(reference), "--set", "finetune.distill_weight=0.5"],
+    sets = [a for kv in ["finetune.distill_weight=0.5", *extra] for a in ("--set", kv)]
+    proc = subprocess.run([*_cmd(setup, out), "--reuse", str(reference), *sets],
                           env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     hist = read_json(out / "finetune" / "history.json")
     assert hist["config"]["distill_weight"] == 0.5
+    assert hist["config"]["distill_candidates"] == (2 if extra else 0)
+    assert hist["config"]["distill_standardize"] is bool(extra)
     losses = [(e["loss"], e["distill_loss"]) for e in hist["history"]]
     assert losses and all(np.isfinite(a) and np.isfinite(b) and b > 0 for a, b in losses)
     assert hist["fingerprint"]["teacher_model"]
