@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -35,6 +36,8 @@ from delrec.settings import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = ROOT / "benchmarks" / "results" / "learning_log.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import bootstrap_diff  # noqa: E402  (benchmarks/quality.py, a sibling script)
 
 
 def valid_examples(split: Any, n: int, seed: int = 0, min_history: int = 5) -> list[Example]:
@@ -172,21 +175,6 @@ def main() -> None:
     _append(out, args.against)
 
 
-def paired_diff(a: list[int], b: list[int], resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Per-row A − B of HR@1 and NDCG@5 (ranks of the same rows): mean and 95% bootstrap CI."""
-    from delrec.metrics import hit_rate, ndcg
-
-    ra, rb = np.asarray(a), np.asarray(b)
-    idx = np.random.default_rng(seed).integers(0, len(ra), size=(resamples, len(ra)))
-    out = {}
-    for k, f in (("HR@1", lambda r: hit_rate(r, 1)), ("NDCG@5", lambda r: ndcg(r, 5))):
-        d = f(ra).astype(np.float64) - f(rb).astype(np.float64)
-        boot = d[idx].mean(axis=1)
-        out[k] = {"mean": round(float(d.mean()), 4), "ci": [round(float(np.quantile(boot, 0.025)), 4),
-                                                           round(float(np.quantile(boot, 0.975)), 4)]}
-    return out
-
-
 def _append(row: dict[str, Any], against: Sequence[str] = ()) -> None:
     LOG.parent.mkdir(parents=True, exist_ok=True)
     earlier = {r["name"]: r for r in (json.loads(line) for line in LOG.read_text(encoding="utf-8").splitlines()
@@ -196,7 +184,7 @@ def _append(row: dict[str, Any], against: Sequence[str] = ()) -> None:
         if other is None or "ranks" not in other or other["valid_candidates"] != row["valid_candidates"]:
             print(f"--against {name}: no earlier probe of that name with per-row ranks on these rows; skipped")
             continue
-        row.setdefault("paired", {})[name] = paired_diff(row["ranks"], other["ranks"])
+        row.setdefault("paired", {})[name] = bootstrap_diff(row["ranks"], other["ranks"])
     with LOG.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
     write_table()

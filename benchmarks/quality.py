@@ -216,13 +216,9 @@ def sign_test(a: np.ndarray, b: np.ndarray) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
-def paired(run_a: Path, model_a: str, name_a: str, run_b: Path, model_b: str, name_b: str,
-           resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Per-user paired comparison of two models on the same frozen candidates."""
-    ra, rb = _ranks(run_a, model_a), _ranks(run_b, model_b)
-    if len(ra) != len(rb):
-        raise SystemExit(f"{name_a} and {name_b} were ranked on different test sets ({len(ra)} vs {len(rb)})")
-    pa, pb = _per_user(ra), _per_user(rb)
+def bootstrap_diff(ra: np.ndarray, rb: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Per-row A − B of each metric, from the target ranks of the same rows: mean and 95% bootstrap CI."""
+    pa, pb = _per_user(np.asarray(ra)), _per_user(np.asarray(rb))
     idx = np.random.default_rng(seed).integers(0, len(ra), size=(resamples, len(ra)))
     diff = {}
     for k in pa:
@@ -230,7 +226,17 @@ def paired(run_a: Path, model_a: str, name_a: str, run_b: Path, model_b: str, na
         boot = d[idx].mean(axis=1)
         diff[k] = {"mean": round(float(d.mean()), 4), "ci": [round(float(np.quantile(boot, 0.025)), 4),
                                                             round(float(np.quantile(boot, 0.975)), 4)]}
-    return {"a": name_a, "b": name_b, "n": len(ra), "diff_a_minus_b": diff,
+    return diff
+
+
+def paired(run_a: Path, model_a: str, name_a: str, run_b: Path, model_b: str, name_b: str,
+           resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Per-user paired comparison of two models on the same frozen candidates."""
+    ra, rb = _ranks(run_a, model_a), _ranks(run_b, model_b)
+    if len(ra) != len(rb):
+        raise SystemExit(f"{name_a} and {name_b} were ranked on different test sets ({len(ra)} vs {len(rb)})")
+    pa, pb = _per_user(ra), _per_user(rb)
+    return {"a": name_a, "b": name_b, "n": len(ra), "diff_a_minus_b": bootstrap_diff(ra, rb, resamples, seed),
             "sign_test_HR@1_p": float(f"{sign_test(pa['HR@1'], pb['HR@1']):.3g}"),
             "HR@1_wins_losses": [int((pa["HR@1"] > pb["HR@1"]).sum()), int((pa["HR@1"] < pb["HR@1"]).sum())]}
 
