@@ -559,7 +559,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
 
     cfg.validate()
     scoring = scoring or ScoringConfig()
-    if cfg.objective == "candidates":
+    if cfg.objective == "candidates" or cfg.distill_candidates:  # both score listed candidate sets
         scoring.check_candidates(cfg.candidate_size, "finetune.candidate_size")
     out_dir = Path(out_dir)
     if cfg.adapter == "none":
@@ -592,7 +592,6 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         if cfg.distill_candidates % world:
             raise ConfigError(f"distill_candidates {cfg.distill_candidates} must be a multiple of the {world} "
                               "processes", field="finetune.distill_candidates")
-        scoring.check_candidates(cfg.candidate_size, "finetune.candidate_size")
         prefixes = split.examples("train", sliding=True)  # training prefixes only: no validation or test target
         if len(prefixes) < cfg.distill_candidates:
             raise ConfigError(f"only {len(prefixes)} training prefixes, fewer than distill_candidates "
