@@ -196,6 +196,19 @@ def test_reuse_copies_only_stages_whose_settings_match(setup: Path, reference: P
     assert reuse_stages(Run(tmp_path / "chain", cfg), out) == ["data", "teacher:sasrec", "teacher:gru4rec"]
 
 
+def test_stage1_with_ta_alone_exports_no_teacher_predictions(setup: Path, tmp_path: Path) -> None:
+    """distill.tasks=[ta] (the `w/o RPS` ablation) reads no teacher output, so stage 1 exports neither the teacher's
+    top-k nor its roll-out; with RPS the roll-out is exported (the control that the first check can fail)."""
+    for tasks, exported in (("[ta]", False), ("[ta,rps]", True)):
+        out = tmp_path / tasks.strip("[]").replace(",", "-")
+        proc = subprocess.run([*_cmd(setup, out), "--set", f"distill.tasks={tasks}", "--set",
+                               "teachers.models=[sasrec]", "--until", "distill"],
+                              env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (out / "distill" / "soft_prompt").is_dir()
+        assert bool(list((out / "teachers" / "sasrec").glob("*.parquet"))) is exported, tasks
+
+
 @pytest.mark.parametrize("extra", [[], ["finetune.distill_candidates=2", "finetune.distill_standardize=true"]],
                          ids=["title-tokens", "candidate-sets"])
 def test_stage2_distillation_reads_the_run_folders_teacher(setup: Path, reference: Path, tmp_path: Path,

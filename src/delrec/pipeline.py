@@ -646,15 +646,16 @@ def distill_stage(run: Run, backbone: Any, log: Callable[..., None] | None = Non
         return SoftPrompt.from_pretrained(soft_prompt_dir(run.dir), device=backbone.device)
     teacher = cfg.teachers.distill_from
     topk, model = None, None
-    if "rps" in cfg.distill.tasks and cfg.distill.rps_form == "ranking":  # the teacher scores each example's candidates
+    rps = "rps" in cfg.distill.tasks  # TA alone reads no teacher output: nothing is exported for it
+    if rps and cfg.distill.rps_form == "ranking":  # the teacher scores each example's candidates
         model = _distill_teacher(run)
-    elif cfg.distill.rps_form == "sequence":  # packed RPS: the teacher's greedy roll-out, not its top-k
+    elif rps and cfg.distill.rps_form == "sequence":  # packed RPS: the teacher's greedy roll-out, not its top-k
         k = cfg.distill.teacher_k
         topk_file = run.dir / "teachers" / teacher / f"rollout{k}_train.parquet"
         if not topk_file.is_file():
             export_teacher_topk(run, teacher, k=k, part="train", rollout=True)
         topk = _load_topk(topk_file)
-    else:
+    elif rps:
         topk_file = run.dir / "teachers" / teacher / "topk_train.parquet"
         if not topk_file.is_file():
             export_teacher_topk(run, teacher, part="train")
