@@ -9,7 +9,8 @@ defaults, listed titles and per-token means — each row's ``config`` says which
 (``finetune.*``, ``scoring.*``), without a soft prompt unless
 ``--soft-prompt RUN`` names a run whose stage 1 is done, then ranks a fixed validation set: ``--n-valid`` examples
 drawn (seeded) from every prefix of the *validation* users' sequences — never a test target, never a training user —
-each with the target + 19 negatives outside the user's sequence. Popularity (training counts) is ranked on the same
+or with ``--rows ends`` each validation user's last 3 items (where test rows sit), each with the target + 19
+negatives outside the user's sequence. Popularity (training counts) is ranked on the same
 rows. Every attempt is appended to ``benchmarks/results/learning_log.jsonl`` and the table
 ``benchmarks/results/learning_log.md`` is rebuilt from it, so the log keeps every number, good or bad.
 """
@@ -43,10 +44,20 @@ from quality import bootstrap_diff  # noqa: E402  (benchmarks/quality.py, a sibl
 def valid_examples(split: Any, n: int, seed: int = 0, min_history: int = 5) -> list[Example]:
     """``n`` next-item examples from prefixes of the validation users' sequences (seeded)."""
     seqs = split.dataset.sequences
-    pool = [(int(u), e) for u in split.valid_users for e in range(min_history, len(seqs[u]))]
+    cut = 1 if split.kind == "loo" else 0  # loo: a validation user's last item is its test target
+    pool = [(int(u), e) for u in split.valid_users for e in range(min_history, len(seqs[u]) - cut)]
     rng = np.random.default_rng(seed)
     pick = sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False).tolist())
     return [Example(pool[i][0], seqs[pool[i][0]][:pool[i][1]], int(seqs[pool[i][0]][pool[i][1]])) for i in pick]
+
+
+def end_examples(split: Any, k: int = 3, min_history: int = 5) -> list[Example]:
+    """The last ``k`` next-item examples of every validation user's sequence: test rows are sequence ends (the
+    user split's test example is a user's last item), and random prefixes come mostly from long sequences' middles."""
+    seqs = split.dataset.sequences
+    first = 2 if split.kind == "loo" else 1  # loo: a validation user's last item is its test target
+    return [Example(int(u), seqs[u][:len(seqs[u]) - b], int(seqs[u][len(seqs[u]) - b]))
+            for u in split.valid_users for b in range(first, first + k) if len(seqs[u]) - b >= min_history]
 
 
 def popularity_scores(split: Any, items: np.ndarray) -> np.ndarray:
@@ -67,7 +78,10 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, default=None, metavar="MODEL_DIR",
                     help="the trained teacher finetune.distill_weight distils (default: --base's "
                          "teachers/<distill_from>/model); it must have been trained on --base's split")
-    ap.add_argument("--n-valid", type=int, default=200)
+    ap.add_argument("--n-valid", type=int, default=200, help="with --rows prefixes: how many rows to draw")
+    ap.add_argument("--rows", choices=("prefixes", "ends"), default="prefixes",
+                    help="prefixes: --n-valid rows drawn from every prefix of the validation users' sequences; "
+                         "ends: each validation user's last 3 items (the test rows' position)")
     ap.add_argument("--zero-shot", action="store_true", help="also rank before training")
     ap.add_argument("--rank-only", action="store_true",
                     help="do not train stage 2: rank with the backbone as loaded (+ --soft-prompt), e.g. to measure "
@@ -102,11 +116,11 @@ def main() -> None:
     scoring = dataclasses.replace(profile("cpu").scoring, **{"prior_weight": 0.0, **sc}).validate()
     teacher = TEACHER_NAMES[run.cfg.teachers.distill_from]
 
-    vex = valid_examples(split, args.n_valid)
+    vex = valid_examples(split, args.n_valid) if args.rows == "prefixes" else end_examples(split)
     vc = draw_candidates(vex, ds, size=20, seed=7)
     hist = [e.history for e in vex]
     out: dict[str, Any] = {"name": args.name, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "overrides": args.overrides, "note": args.note, "n_valid": len(vc),
+                           "overrides": args.overrides, "note": args.note, "n_valid": len(vc), "rows": args.rows,
                            "valid_candidates": vc.hash()}
     out["popularity"] = _row("popularity", summarize(ranks_from_scores(popularity_scores(split, vc.items),
                                                                        vc.target_pos), ci=False))
@@ -194,7 +208,9 @@ def write_table() -> None:
     rows = [json.loads(line) for line in LOG.read_text(encoding="utf-8").splitlines() if line.strip()]
     lines = ["# Stage-2 learning log", "",
              "Every probe of `benchmarks/learning_probe.py`, in order. Validation only: prefixes of the validation "
-             "users' sequences (never a test target), target + 19 negatives; chance HR@1 0.05, NDCG@5 0.147.", "",
+             "users' sequences (never a test target), target + 19 negatives; chance HR@1 0.05, NDCG@5 0.147. "
+             "`n valid` ending in *ends*: each validation user's last 3 items (`--rows ends`, the position of the "
+             "test rows) instead of random prefixes.", "",
              "| # | probe | overrides | train ex | s/ex | loss first → last | valid HR@1 | HR@5 | NDCG@5 | mean rank "
              "| popularity HR@1 / NDCG@5 | n valid |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
@@ -213,7 +229,7 @@ def write_table() -> None:
         lines.append(f"| {i} | {r['name']}{note} | `{' '.join(r['overrides'])}` | {r['train_examples']} | "
                      f"{r['s_per_example']} | {loss} | {v['HR@1']} | "
                      f"{v['HR@5']} | {v['NDCG@5']} | {v['mean_rank']} | {p['HR@1']} / {p['NDCG@5']} | "
-                     f"{r['n_valid']} |")
+                     f"{r['n_valid']}{' ends' if r.get('rows') == 'ends' else ''} |")
     pairs = [(r["name"], b, d) for r in rows for b, d in r.get("paired", {}).items()]
     if pairs:
         lines += ["", "Paired per row (the same validation rows): A − B with a 95% bootstrap CI.", "",

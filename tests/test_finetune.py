@@ -88,6 +88,7 @@ def test_cpu_profile_is_small_and_overridable() -> None:
     ("distill_temperature", 0.0), ("distill_candidates", -1), ("distill_candidates", True),
     # the paper profile: objective=candidates, no teacher term — both candidate-level options are refused there
     ("distill_candidates", 4), ("distill_standardize", True), ("distill_standardize", "yes"),
+    ("windows_per_user", 2), ("windows_per_user", -1),  # packed windows only; a count
 ])
 def test_bad_values_raise_config_error_naming_the_field(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:
@@ -303,6 +304,12 @@ def test_train_windows_predict_every_training_item_but_the_first_once() -> None:
     assert predicted == sorted(int(x) for s in split.train_sequences for x in s[1:])
     capped = train_windows(split, dataclasses.replace(cfg, max_train_examples=5))
     assert len(capped) == 5 and all(any(np.array_equal(c, w) for w in wins) for c in capped)
+    # windows_per_user=1: each training sequence's last window alone, so its last history_len items are predicted
+    last = train_windows(split, dataclasses.replace(cfg, windows_per_user=1))
+    assert len(last) == len(split.train_sequences)
+    assert all(np.array_equal(w, s[-4:]) for w, s in zip(last, split.train_sequences, strict=True))
+    two = train_windows(split, dataclasses.replace(cfg, windows_per_user=2))
+    assert len(last) < len(two) < len(wins) and all(any(np.array_equal(c, w) for w in wins) for c in two)
 
 
 def test_sequence_objective_needs_the_next_verbalizer(tmp_path: Path) -> None:

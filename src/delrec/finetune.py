@@ -98,6 +98,9 @@ class FinetuneConfig:
     history_len: int = 20  # most recent history items shown in the prompt
     sliding_window: bool = False  # also train on earlier prefixes of training users (paper: last item only)
     max_train_examples: int = 0  # cap on training examples (seeded subsample); 0 = all
+    # objective=sequence: keep only each training sequence's last this-many windows (0 = all). Test rows are the
+    # ends of users' sequences, and uniform windows come mostly from the middles of the longest sequences.
+    windows_per_user: int = 0
     max_valid_examples: int = 0  # cap on validation rows used for model selection (seeded subsample); 0 = all
     candidate_size: int = 20  # candidates per training example: target + size-1 unseen negatives (paper 20)
     # candidates (paper): cross-entropy of the target over its candidate set, one next item per example;
@@ -136,7 +139,8 @@ class FinetuneConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "must be a positive integer")
-        for name in ("warmup_steps", "patience", "max_train_examples", "max_valid_examples", "eval_batch_size"):
+        for name in ("warmup_steps", "patience", "max_train_examples", "max_valid_examples", "eval_batch_size",
+                     "windows_per_user"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, "must be a non-negative integer")
@@ -164,6 +168,8 @@ class FinetuneConfig:
         if self.distill_candidates and (self.objective != "sequence" or not self.distill_weight):
             raise bad("distill_candidates", "needs objective=sequence and distill_weight > 0 (with objective="
                                             "candidates the teacher's term is over each example's candidates already)")
+        if self.windows_per_user and self.objective != "sequence":
+            raise bad("windows_per_user", "applies to objective=sequence (packed windows) only")
         if self.distill_standardize and (not self.distill_weight or
                                          (self.objective == "sequence" and not self.distill_candidates)):
             raise bad("distill_standardize", "applies to a candidate-level teacher term only: needs distill_weight "
@@ -343,11 +349,13 @@ def orthogonal_regularizer(model: nn.Module, adapter_name: str = ADAPTER_NAME) -
 def train_windows(split: Split, cfg: FinetuneConfig) -> list[np.ndarray]:
     """``objective=sequence``: each training sequence cut from its end into windows of ``history_len + 1`` items
     that overlap by one, so every item but a sequence's first is predicted once, from up to ``history_len`` items
-    before it (the most a prompt shows). Seeded cap ``max_train_examples`` (in windows)."""
+    before it (the most a prompt shows). ``windows_per_user`` keeps each sequence's last windows only; then the
+    seeded cap ``max_train_examples`` (in windows)."""
     h = cfg.history_len
     out: list[np.ndarray] = []
     for seq in split.train_sequences:
-        for end in range(len(seq), 1, -h):
+        ends = range(len(seq), 1, -h)
+        for end in ends[:cfg.windows_per_user] if cfg.windows_per_user else ends:
             out.append(seq[max(0, end - h - 1):end])
     if cfg.max_train_examples and len(out) > cfg.max_train_examples:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(out), cfg.max_train_examples, replace=False))
@@ -888,6 +896,7 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any], model: nn.Modu
         old["config"].setdefault("objective", "candidates")
         old["config"].setdefault("distill_candidates", 0)  # … and before the candidate-level teacher term options
         old["config"].setdefault("distill_standardize", False)
+        old["config"].setdefault("windows_per_user", 0)  # … and before windows_per_user
     if isinstance(old.get("scoring"), dict):  # … and from before scoring.prior_weight, which was 0 then
         old["scoring"].setdefault("prior_weight", 0.0)
     def flat(d: dict[str, Any]) -> dict[str, Any]:
