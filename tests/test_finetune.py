@@ -293,7 +293,7 @@ def test_cpu_long_profile_trains_longer_and_both_validate_on_64_users() -> None:
 
 
 def test_train_windows_predict_every_training_item_but_the_first_once() -> None:
-    from delrec.finetune import train_windows
+    from delrec.finetune import train_prefixes, train_windows
 
     _, split = _data()
     cfg = FinetuneConfig.from_profile("cpu", objective="sequence", history_len=3, max_train_examples=0)
@@ -310,6 +310,12 @@ def test_train_windows_predict_every_training_item_but_the_first_once() -> None:
     assert all(np.array_equal(w, s[-4:]) for w, s in zip(last, split.train_sequences, strict=True))
     two = train_windows(split, dataclasses.replace(cfg, windows_per_user=2))
     assert len(last) < len(two) < len(wins) and all(any(np.array_equal(c, w) for w in wins) for c in two)
+    # the teacher term's prefixes: the next items the kept windows predict, each once
+    two_cfg = dataclasses.replace(cfg, windows_per_user=2)
+    got = sorted((e.user, len(e.history), e.target) for e in train_prefixes(split, two_cfg))
+    want = sorted((int(u), t, int(s[t])) for u, s in zip(split.train_users, split.train_sequences, strict=True)
+                  for t in range(max(1, len(s) - 2 * 3), len(s)))
+    assert got == want and len(got) == sum(len(w) - 1 for w in two) < len(train_prefixes(split, cfg))
 
 
 def test_sequence_objective_needs_the_next_verbalizer(tmp_path: Path) -> None:

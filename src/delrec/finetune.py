@@ -98,8 +98,9 @@ class FinetuneConfig:
     history_len: int = 20  # most recent history items shown in the prompt
     sliding_window: bool = False  # also train on earlier prefixes of training users (paper: last item only)
     max_train_examples: int = 0  # cap on training examples (seeded subsample); 0 = all
-    # objective=sequence: keep only each training sequence's last this-many windows (0 = all). Test rows are the
-    # ends of users' sequences, and uniform windows come mostly from the middles of the longest sequences.
+    # objective=sequence: keep only each training sequence's last this-many windows (0 = all), and let the
+    # candidate-level teacher term rank prefixes of that stretch only. Test rows are the ends of users' sequences,
+    # and uniform windows come mostly from the middles of the longest sequences.
     windows_per_user: int = 0
     max_valid_examples: int = 0  # cap on validation rows used for model selection (seeded subsample); 0 = all
     candidate_size: int = 20  # candidates per training example: target + size-1 unseen negatives (paper 20)
@@ -363,6 +364,16 @@ def train_windows(split: Split, cfg: FinetuneConfig) -> list[np.ndarray]:
     return out
 
 
+def train_prefixes(split: Split, cfg: FinetuneConfig) -> list[Example]:
+    """The prefixes the candidate-level teacher term ranks: training sequences only (no validation or test target),
+    and with ``windows_per_user`` only the next items those windows predict (the same stretch of each sequence)."""
+    exs = split.examples("train", sliding=True)
+    if cfg.windows_per_user:
+        n = {int(u): len(s) for u, s in zip(split.train_users, split.train_sequences, strict=True)}
+        exs = [e for e in exs if len(e.history) >= n[e.user] - cfg.windows_per_user * cfg.history_len]
+    return exs
+
+
 def train_examples(split: Split, cfg: FinetuneConfig) -> list[Example]:
     """Training users' next-item examples (last item, or every prefix with sliding_window), seeded cap."""
     exs = split.examples("train", sliding=cfg.sliding_window)
@@ -600,7 +611,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         if cfg.distill_candidates % world:
             raise ConfigError(f"distill_candidates {cfg.distill_candidates} must be a multiple of the {world} "
                               "processes", field="finetune.distill_candidates")
-        prefixes = split.examples("train", sliding=True)  # training prefixes only: no validation or test target
+        prefixes = train_prefixes(split, cfg)
         if len(prefixes) < cfg.distill_candidates:
             raise ConfigError(f"only {len(prefixes)} training prefixes, fewer than distill_candidates "
                               f"{cfg.distill_candidates}", field="finetune.distill_candidates")
