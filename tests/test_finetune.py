@@ -88,7 +88,7 @@ def test_cpu_profile_is_small_and_overridable() -> None:
     ("distill_temperature", 0.0), ("distill_candidates", -1), ("distill_candidates", True),
     # the paper profile: objective=candidates, no teacher term — both candidate-level options are refused there
     ("distill_candidates", 4), ("distill_standardize", True), ("distill_standardize", "yes"),
-    ("windows_per_user", 2), ("windows_per_user", -1),  # packed windows only; a count
+    ("windows_per_user", -1), ("windows_per_user", 1.5),
 ])
 def test_bad_values_raise_config_error_naming_the_field(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:
@@ -296,7 +296,8 @@ def test_train_windows_predict_every_training_item_but_the_first_once() -> None:
     from delrec.finetune import train_prefixes, train_windows
 
     _, split = _data()
-    cfg = FinetuneConfig.from_profile("cpu", objective="sequence", history_len=3, max_train_examples=0)
+    cfg = FinetuneConfig.from_profile("cpu", objective="sequence", history_len=3, max_train_examples=0,
+                                      windows_per_user=0)
     wins = train_windows(split, cfg)
     assert all(2 <= len(w) <= 4 for w in wins)
     # items 2.. of a window are predicted: together, every item of every training sequence but its first, once

@@ -184,7 +184,7 @@ def test_stage2_distillation_moves_the_next_entry_towards_the_teachers_choice(tm
     cfg = FinetuneConfig.from_profile("cpu", adapter="lora", target_r=8, lr=0.01, warmup_steps=0, max_steps=40,
                                       batch_size=4, grad_accum=1, eval_every=80, patience=0, history_len=4,
                                       max_train_examples=4, max_valid_examples=4, lora_dropout=0.0, seed=0,
-                                      objective="sequence", distill_weight=1.0)
+                                      objective="sequence", distill_weight=1.0, windows_per_user=0)
     windows = train_windows(split, cfg)
     hists = [w[:k] for w in windows for k in range(1, len(w)) if 7 not in w[:k]]
     prompts = [lsr_prompt("movie", "SASRec", [ds.titles[int(i)] for i in h], [], verbalizer="next") for h in hists]
