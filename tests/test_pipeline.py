@@ -290,6 +290,21 @@ def test_chosen_prior_weight_reads_the_final_models_choice(tmp_path: Path) -> No
     assert chosen_prior_weight(tmp_path) == 1.0
 
 
+def test_resolved_config_from_before_windows_per_user_keeps_every_window(setup: Path, reference: Path,
+                                                                         tmp_path: Path) -> None:
+    """A run folder's resolved config.yaml written before finetune.windows_per_user trained on every window: it reads
+    back as 0, not as the cpu profile's 3, so a rerun or --reuse does not take that stage 2 for a last-windows one; a
+    hand-written config that does not name the key still gets the profile's value."""
+    from delrec.pipeline import load_config
+
+    saved = yaml.safe_load((reference / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["finetune"]["windows_per_user"] == 3  # written out now
+    del saved["finetune"]["windows_per_user"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    assert load_config(tmp_path / "config.yaml").finetune.windows_per_user == 0
+    assert load_config(setup / "config.yaml").finetune.windows_per_user == 3
+
+
 def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) -> None:
     from delrec.pipeline import load_config
 
