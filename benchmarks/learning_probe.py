@@ -44,8 +44,8 @@ from quality import bootstrap_diff  # noqa: E402  (benchmarks/quality.py, a sibl
 def valid_examples(split: Any, n: int, seed: int = 0, min_history: int = 5) -> list[Example]:
     """``n`` next-item examples from prefixes of the validation users' sequences (seeded)."""
     seqs = split.dataset.sequences
-    cut = 1 if split.kind == "loo" else 0  # loo: a validation user's last item is its test target
-    pool = [(int(u), e) for u in split.valid_users for e in range(min_history, len(seqs[u]) - cut)]
+    # up to each validation user's validation target, as the split places it (loo: never the test item after it)
+    pool = [(ex.user, e) for ex in split.examples("valid") for e in range(min_history, len(ex.history) + 1)]
     rng = np.random.default_rng(seed)
     pick = sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False).tolist())
     return [Example(pool[i][0], seqs[pool[i][0]][:pool[i][1]], int(seqs[pool[i][0]][pool[i][1]])) for i in pick]
@@ -55,9 +55,9 @@ def end_examples(split: Any, k: int = 3, min_history: int = 5) -> list[Example]:
     """The last ``k`` next-item examples of every validation user's sequence: test rows are sequence ends (the
     user split's test example is a user's last item), and random prefixes come mostly from long sequences' middles."""
     seqs = split.dataset.sequences
-    first = 2 if split.kind == "loo" else 1  # loo: a validation user's last item is its test target
-    return [Example(int(u), seqs[u][:len(seqs[u]) - b], int(seqs[u][len(seqs[u]) - b]))
-            for u in split.valid_users for b in range(first, first + k) if len(seqs[u]) - b >= min_history]
+    # each validation target, as the split places it (loo: never the test item after it), and the k − 1 before it
+    return [Example(ex.user, seqs[ex.user][:t], int(seqs[ex.user][t])) for ex in split.examples("valid")
+            for t in range(len(ex.history), len(ex.history) - k, -1) if t >= min_history]
 
 
 def popularity_scores(split: Any, items: np.ndarray) -> np.ndarray:
