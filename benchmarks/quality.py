@@ -81,6 +81,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "w8-prior-zero-shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"],
                            "zero-shot, titles ≤ 8 words, prior weight 0.75"),
     # the group whose base chooses λ on its validation users (scoring.prior_weight=auto)
+    # the group of the cpu profile as it is now (last 3 windows, λ chosen on validation users)
+    "w3-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, last 3 windows, prior weight auto"),
     "w8-auto-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, titles ≤ 8 words, prior weight auto"),
     "w8-auto-zero-shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"],
                           "zero-shot, titles ≤ 8 words, prior weight auto"),
@@ -101,6 +103,8 @@ _UNCALIBRATED = "scoring.prior_weight=0"
 _ML_USER = ["profile=cpu", _UNCALIBRATED]
 _LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=null", _UNCALIBRATED]  # every ML-100K test user
 _LOO_CPU = ["profile=cpu", "split.kind=loo", "candidates.max_test=null", _UNCALIBRATED]
+# the cpu profile as it is now: stage 2 on each training sequence's last 3 windows, λ chosen on validation users
+_LOO_CPU_W3 = ["profile=cpu", "split.kind=loo", "candidates.max_test=null"]
 _BEAUTY_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000", *_beauty(), _UNCALIBRATED]
 # Beauty titles are ~2x ML-100K's in tokens (~20 vs ~10), so each stage-2 update costs ~2x: the cpu-long base
 # (1,600 updates) alone would not fit a 2-hour part; the cpu profile's base and its TALLRec-style row each do.
@@ -115,6 +119,8 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-loo-cpu-tallrec": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["tallrec"]),
     "ml-100k-loo-cpu-hist20": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["hist20-250"]),
     "ml-100k-loo-cpu-untrained": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["untrained"]),
+    "ml-100k-loo-cpu-w3": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, []),
+    "ml-100k-loo-cpu-w3-tallrec": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-tallrec"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", _LOO, []),
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", _LOO, ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", _LOO, ["zero_shot"]),
@@ -142,7 +148,8 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
                                          ["w8-auto-zero-shot"]),
 }
 # a group whose base run is itself a variant of its profile names its DELRec row after that variant
-BASE_NAMES: dict[str, str] = {"beauty-loo-cpu-w8-prior": "DELRec, titles ≤ 8 words, prior weight 0.75",
+BASE_NAMES: dict[str, str] = {"ml-100k-loo-cpu-w3": "DELRec, last 3 windows, prior weight auto",
+                              "beauty-loo-cpu-w8-prior": "DELRec, titles ≤ 8 words, prior weight 0.75",
                               "beauty-loo-cpu-w8-auto": "DELRec, titles ≤ 8 words, prior weight auto"}
 
 # a group's base against another group's base on the same candidate file, where the two differ in one setting
