@@ -83,6 +83,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # the group whose base chooses λ on its validation users (scoring.prior_weight=auto)
     # the group of the cpu profile as it is now (last 3 windows, λ chosen on validation users)
     "w3-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, last 3 windows, prior weight auto"),
+    # + the teacher's ranking of 2 training prefixes per update (learning_log WK1, chosen on the validation ends)
+    "w3-kd2": (["finetune.distill_candidates=2", "finetune.distill_weight=0.5", "finetune.distill_temperature=0.5",
+                "finetune.distill_standardize=true"], "DELRec, last 3 windows + teacher ranking, prior weight auto"),
     "w8-auto-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, titles ≤ 8 words, prior weight auto"),
     "w8-auto-zero-shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"],
                           "zero-shot, titles ≤ 8 words, prior weight auto"),
@@ -121,6 +124,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-loo-cpu-untrained": ("ml-100k-loo-cpu", "ml-100k", _LOO_CPU, ["untrained"]),
     "ml-100k-loo-cpu-w3": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, []),
     "ml-100k-loo-cpu-w3-tallrec": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-tallrec"]),
+    "ml-100k-loo-cpu-w3-kd2": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-kd2"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", _LOO, []),
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", _LOO, ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", _LOO, ["zero_shot"]),
