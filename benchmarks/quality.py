@@ -81,14 +81,14 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "w8-prior-zero-shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"],
                            "zero-shot, titles ≤ 8 words, prior weight 0.75"),
     # the group whose base chooses λ on its validation users (scoring.prior_weight=auto)
+    "w8-auto-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, titles ≤ 8 words, prior weight auto"),
+    "w8-auto-zero-shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"],
+                          "zero-shot, titles ≤ 8 words, prior weight auto"),
     # the group of the cpu profile as it is now (last 3 windows, λ chosen on validation users)
     "w3-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, last 3 windows, prior weight auto"),
     # + the teacher's ranking of 2 training prefixes per update (learning_log WK1, chosen on the validation ends)
     "w3-kd2": (["finetune.distill_candidates=2", "finetune.distill_weight=0.5", "finetune.distill_temperature=0.5",
                 "finetune.distill_standardize=true"], "DELRec, last 3 windows + teacher ranking, prior weight auto"),
-    "w8-auto-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, titles ≤ 8 words, prior weight auto"),
-    "w8-auto-zero-shot": (["soft_prompt.num_tokens=0", "finetune.adapter=none"],
-                          "zero-shot, titles ≤ 8 words, prior weight auto"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
 VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
