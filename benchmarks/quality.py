@@ -89,6 +89,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # + the teacher's ranking of 2 training prefixes per update (learning_log WK1, chosen on the validation ends)
     "w3-kd2": (["finetune.distill_candidates=2", "finetune.distill_weight=0.5", "finetune.distill_temperature=0.5",
                 "finetune.distill_standardize=true"], "DELRec, last 3 windows + teacher ranking, prior weight auto"),
+    # what stage 1 buys the cpu profile as it is now: its soft prompt left at initialisation, or trained on one task
+    "w3-untrained": (["distill.max_steps=0"], "DELRec, last 3 windows, untrained soft prompt, prior weight auto"),
+    "w3-no-ta": (["distill.tasks=[rps]"], "DELRec w/o TA, last 3 windows, prior weight auto"),
+    "w3-no-rps": (["distill.tasks=[ta]"], "DELRec w/o RPS, last 3 windows, prior weight auto"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
 VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
@@ -125,6 +129,8 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-loo-cpu-w3": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, []),
     "ml-100k-loo-cpu-w3-tallrec": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-tallrec"]),
     "ml-100k-loo-cpu-w3-kd2": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-kd2"]),
+    "ml-100k-loo-cpu-w3-untrained": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-untrained"]),
+    "ml-100k-loo-cpu-w3-ablations": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-no-ta", "w3-no-rps"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", _LOO, []),
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", _LOO, ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", _LOO, ["zero_shot"]),
