@@ -164,6 +164,10 @@ BASE_NAMES: dict[str, str] = {"ml-100k-loo-cpu-w3": "DELRec, last 3 windows, pri
 
 # a group's base against another group's base on the same candidate file, where the two differ in one setting
 BASE_AGAINST: dict[str, list[str]] = {"beauty-loo-cpu-w8-auto": ["beauty-loo-cpu-w8-prior"]}
+# a variant against another variant of its group (when that one has run): e.g. the untrained soft prompt against no
+# soft prompt at all, which tells the extra tokens' cost from the distilled content's worth
+VARIANT_AGAINST: dict[str, list[str]] = {"w3-untrained": ["w3-tallrec"], "w3-no-ta": ["w3-untrained"],
+                                         "w3-no-rps": ["w3-untrained"]}
 
 
 def delrec_run(out: Path, overrides: list[str], reuse: Path | None, log: Path) -> float:
@@ -400,6 +404,14 @@ def main() -> None:
         tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
                       **paired(runs[name], "DELRec", name, args.runs / f"{group}-{VARIANT_REUSE[v]}", "DELRec",
                                src_name)})
+    for v in variants:
+        for other in VARIANT_AGAINST.get(v, []):
+            other_run = args.runs / f"{group}-{other}"
+            if (other_run / "metrics.json").is_file() and read_json(other_run / "metrics.json")["candidates_hash"] == \
+                    m["candidates_hash"]:
+                tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
+                              **paired(runs[VARIANTS[v][1]], "DELRec", VARIANTS[v][1], other_run, "DELRec",
+                                       VARIANTS[other][1])})
     for other in BASE_AGAINST.get(group, []):  # e.g. λ chosen on validation users against λ fixed by hand
         other_run = args.runs / other
         if (other_run / "metrics.json").is_file() and read_json(other_run / "metrics.json")["candidates_hash"] == \
