@@ -412,7 +412,7 @@ def candidate_distill_loss(scores: torch.Tensor, teacher_logits: np.ndarray, cfg
 def teacher_term_sets(prefixes: Sequence[Example], dataset: SeqDataset, cfg: FinetuneConfig, epoch: int, batch: int
                       ) -> tuple[list[Example], CandidateSet]:
     """The ``distill_candidates`` training prefixes of one micro-batch's teacher term and their candidate sets,
-    seeded by (seed, epoch, batch): a resumed run draws the same, and `_save_train_candidates` redraws them all."""
+    seeded by (seed, epoch, batch): a resumed run draws the same, and the saved file (`save_sets`) redraws them all."""
     rng = np.random.default_rng([cfg.seed, epoch, batch])
     exs = [prefixes[i] for i in rng.choice(len(prefixes), cfg.distill_candidates, replace=False)]
     return exs, draw_candidates(exs, dataset, size=cfg.candidate_size, seed=int(rng.integers(2**31)))
