@@ -173,6 +173,32 @@ def test_short_run_lowers_training_loss_and_logs(data, tmp_path):
     assert all(p.grad is None for p in bb.model.parameters())
 
 
+def test_training_candidate_sets_are_saved_frozen_and_clean(data, tmp_path):
+    """Every TA / RPS candidate set stage 1 trains on is written as it was drawn (hash in distill_summary.json), the
+    same from the same seed; TA's negatives lie outside the user's sequence, no set holds an item twice."""
+    from delrec.data.candidates import CandidateSet
+
+    ds, split = data
+    bb = tiny_backbone("llama", extra_text=ds.titles[1:])
+    cfg = dataclasses.replace(SMALL, max_steps=1)
+    hashes = []
+    for out in ("a", "b"):
+        distill(bb, ds, split, _topk(split), "SASRec", cfg, tmp_path / out, soft_prompt_cfg=SP, progress=False)
+        hashes.append(json.loads((tmp_path / out / "distill_summary.json").read_text())["train_candidates"])
+    assert hashes[0] == hashes[1] and set(hashes[0]) == {"ta", "rps"}
+    distill(bb, ds, split, _topk(split), "SASRec", dataclasses.replace(cfg, seed=8), tmp_path / "c",
+            soft_prompt_cfg=SP, progress=False)
+    assert json.loads((tmp_path / "c" / "distill_summary.json").read_text())["train_candidates"] != hashes[0]
+    for task in ("ta", "rps"):
+        cs = CandidateSet.load(tmp_path / "a" / "train_candidates" / f"{task}.parquet")
+        assert cs.hash() == hashes[0][task] and len(cs) == cfg.train_examples and cs.size == cfg.candidate_size
+        assert all(len(set(row.tolist())) == cs.size for row in cs.items)
+        assert set(cs.users.tolist()) <= set(split.train_users.tolist())
+    ta = CandidateSet.load(tmp_path / "a" / "train_candidates" / "ta.parquet")
+    for u, t, row in zip(ta.users, ta.targets, ta.items, strict=True):
+        assert not (set(row.tolist()) - {int(t)}) & set(ds.sequences[u].tolist())
+
+
 @pytest.mark.parametrize("deep", [False, True], ids=["input", "deep"])
 def test_resume_equals_uninterrupted(data, tmp_path, deep):
     ds, split = data

@@ -186,6 +186,27 @@ def test_artifacts_and_rank_pruning(trained) -> None:
     assert not [p for p in out.rglob("*.tmp")]
 
 
+def test_training_candidate_sets_are_saved_as_drawn(trained) -> None:
+    """objective=candidates re-draws each example's negatives every epoch; the file holds every epoch's sets, as
+    trained on (`epoch_sets`), with their hash in history.json."""
+    import pandas as pd
+
+    from delrec.data.candidates import CandidateSet
+    from delrec.finetune import TRAIN_CANDIDATES_FILE, epoch_sets
+
+    out, cfg, ds, split = trained["out_dir"], trained["cfg"], trained["ds"], trained["split"]
+    path = out / TRAIN_CANDIDATES_FILE
+    cs, df = CandidateSet.load(path), pd.read_parquet(path)
+    assert cs.hash() == read_json(out / "history.json")["train_candidates"]
+    exs = train_examples(split, cfg)
+    epochs = cfg.max_steps * cfg.batch_size * cfg.grad_accum // len(exs)  # 12 updates of 8 over 16 examples: 6
+    assert sorted(set(df["epoch"])) == list(range(epochs)) and len(cs) == epochs * len(exs)
+    for e in range(epochs):
+        rows = np.flatnonzero(df["epoch"].to_numpy() == e)
+        np.testing.assert_array_equal(cs.items[rows], epoch_sets(exs, ds, cfg, e).items)
+    assert not np.array_equal(cs.items[: len(exs)], cs.items[len(exs): 2 * len(exs)])  # re-drawn per epoch
+
+
 def test_adapter_save_load_round_trip_gives_identical_scores(trained) -> None:
     from delrec.llm.scoring import TitleScorer
 
@@ -241,6 +262,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path) -> None:
     ha, hb = read_json(tmp_path / "a" / "history.json"), read_json(tmp_path / "b" / "history.json")
     assert [e["loss"] for e in ha["history"]] == [e["loss"] for e in hb["history"]]
     assert ha["best"] == hb["best"]
+    assert ha["train_candidates"] and ha["train_candidates"] == hb["train_candidates"]
 
 
 def test_checkpoint_of_another_run_is_refused(trained) -> None:

@@ -229,6 +229,14 @@ def test_stage2_distillation_reads_the_run_folders_teacher(setup: Path, referenc
     assert losses and all(np.isfinite(a) and np.isfinite(b) and b > 0 for a, b in losses)
     assert hist["fingerprint"]["teacher_model"]
     assert _metrics(out)["SASRec"] == _metrics(reference)["SASRec"]
+    if extra:  # the teacher term's candidate sets, 2 per micro-batch trained, are saved with their hash
+        from delrec.data.candidates import CandidateSet
+
+        cs = CandidateSet.load(out / "finetune" / "train_candidates.parquet")
+        micro = hist["steps"] * hist["config"]["grad_accum"]
+        assert cs.hash() == hist["train_candidates"] and len(cs) == 2 * micro
+    else:
+        assert hist["train_candidates"] is None and not (out / "finetune" / "train_candidates.parquet").exists()
 
 
 def test_prior_weight_auto_is_chosen_with_the_checkpoint_and_used_by_the_test_and_recommend(

@@ -409,6 +409,7 @@ def evaluate_ranking(scorer: TitleScorer, prompts: Sequence[str], candidates: Se
 CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "soft_prompt"
 HISTORY_FILE = "history.json"
+TRAIN_CANDIDATES_DIR = "train_candidates"  # {task}.parquet: each task's training candidate sets, as drawn
 
 
 def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk: np.ndarray | None, teacher_name: str,
@@ -450,10 +451,12 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
 
     # Example sets: each task gets its own RNG stream, so dropping one task (ablation) leaves the other unchanged.
     tasks: dict[str, Rendered] = {}
+    train_sets: dict[str, CandidateSet] = {}  # saved below: every candidate set a task trains on
     if "ta" in cfg.tasks:
         ex_ta = _cap(build_ta_examples(split, dataset, cfg.candidate_size, np.random.default_rng([cfg.seed, 1])),
                      cfg.train_examples, cfg.seed)
         tasks["ta"] = render_ta(ex_ta, dataset, teacher_name, cfg.history_len, domain, year=year, verbalizer=verb)
+        train_sets["ta"] = _example_sets(ex_ta, cfg.seed)
     if packed_rps:
         tasks["rps"] = render_rps_rollouts(_cap(build_rps_rollouts(split, teacher_topk[:, :cfg.teacher_k],
                                                                    cfg.history_len), cfg.train_examples, cfg.seed),
@@ -465,6 +468,7 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
         prompts_rank, titles_rank, _ = render_lsr(ex_rank, cands_rank, dataset, teacher_name, cfg.history_len,
                                                   domain, year=year, verbalizer=verb)
         tasks["rps"] = (prompts_rank, titles_rank, probs)
+        train_sets["rps"] = cands_rank
     elif "rps" in cfg.tasks:
         assert teacher_topk is not None
         ex_rps = _cap(build_rps_examples(split, dataset, teacher_topk, cfg.candidate_size,
@@ -472,12 +476,16 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
                       cfg.train_examples, cfg.seed)
         tasks["rps"] = render_rps(ex_rps, dataset, teacher_name, cfg.history_len, domain, year=year,
                                   verbalizer=verb)
+        train_sets["rps"] = _example_sets(ex_rps, cfg.seed)
     # rps_standardize: the LM's candidate scores are z-scored (and over the temperature) as the teacher's were
     zscale = {"rps": 1 / cfg.rps_temperature} if ranking_rps and cfg.rps_standardize else {}
     for name, (prompts, _, _) in tasks.items():
         if not prompts:
             raise DataError(f"no {name.upper()} training examples (TA needs sequences of >= {TA_MIN_LEN} items)",
                             field="distill.tasks")
+    # Frozen and saved like the evaluation's sets (they follow from cfg.seed, so a resumed run writes the same).
+    train_hashes = {name: cs.save(out_dir / TRAIN_CANDIDATES_DIR / f"{name}.parquet")
+                    for name, cs in train_sets.items()}
     valid = _valid_inputs(split, dataset, valid_candidates, teacher_name, cfg, domain, year, verb)
     prior = None  # the same rows with empty histories, when candidates are scored against their prior
     if scoring.prior_weight and valid[0]:
@@ -555,10 +563,18 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
     write_json(out_dir / "distill_summary.json", {
         "steps": state["step"], "best_step": state["best_step"], "best": state["best"],
         "select_metric": cfg.select_metric, "stopped_early": state["stopped_early"], "tasks": list(tasks),
-        "train_examples": {n: len(d[0]) for n, d in tasks.items()}, "valid_examples": len(valid[0]),
+        "train_examples": {n: len(d[0]) for n, d in tasks.items()}, "train_candidates": train_hashes,
+        "valid_examples": len(valid[0]),
         "teacher": teacher_name, "config": asdict(cfg), "soft_prompt": asdict(sp_cfg),
         "optimizer": "AdamW (Lion unavailable)"})
     return SoftPrompt.from_pretrained(out_dir / BEST_DIR, device=backbone.device)
+
+
+def _example_sets(examples: Sequence[TAExample | RPSExample], seed: int) -> CandidateSet:
+    """The candidate sets of TA / RPS examples as one `CandidateSet` (the target: each example's label)."""
+    return CandidateSet(np.array([ex.user for ex in examples], dtype=np.int64),
+                        np.array([ex.target for ex in examples], dtype=np.int64),
+                        np.stack([ex.candidates for ex in examples]).astype(np.int64), seed)
 
 
 def _cap(examples: list[Any], cap: int | None, seed: int) -> list[Any]:

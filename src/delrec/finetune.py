@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from delrec.data.candidates import CandidateSet, draw_candidates
+from delrec.data.candidates import CandidateSet, concat, draw_candidates
 from delrec.data.dataset import SeqDataset
 from delrec.data.splits import Example, Split
 from delrec.errors import ConfigError, DataError, DelrecError
@@ -62,6 +62,7 @@ AdapterKind = Literal["adalora", "lora", "none"]
 Objective = Literal["candidates", "sequence"]
 ADAPTER_DIR = "adapter"  # the selected adapter inside stage 2's folder (peft `save_pretrained`)
 CHECKPOINT_DIR = "checkpoint"  # the resumable state of the last update inside stage 2's folder
+TRAIN_CANDIDATES_FILE = "train_candidates.parquet"  # every candidate set stage 2 trained on (`save_sets`)
 OBJECTIVES: tuple[str, ...] = ("candidates", "sequence")
 ADAPTERS: tuple[str, ...] = ("adalora", "lora", "none")
 METRICS: tuple[str, ...] = ("HR@1", "HR@5", "NDCG@5")
@@ -408,6 +409,32 @@ def candidate_distill_loss(scores: torch.Tensor, teacher_logits: np.ndarray, cfg
     return F.cross_entropy(s, torch.softmax(t / cfg.distill_temperature, dim=1))
 
 
+def teacher_term_sets(prefixes: Sequence[Example], dataset: SeqDataset, cfg: FinetuneConfig, epoch: int, batch: int
+                      ) -> tuple[list[Example], CandidateSet]:
+    """The ``distill_candidates`` training prefixes of one micro-batch's teacher term and their candidate sets,
+    seeded by (seed, epoch, batch): a resumed run draws the same, and the saved file (`save_sets`) redraws them all."""
+    rng = np.random.default_rng([cfg.seed, epoch, batch])
+    exs = [prefixes[i] for i in rng.choice(len(prefixes), cfg.distill_candidates, replace=False)]
+    return exs, draw_candidates(exs, dataset, size=cfg.candidate_size, seed=int(rng.integers(2**31)))
+
+
+def epoch_sets(examples: Sequence[Example], dataset: SeqDataset, cfg: FinetuneConfig, epoch: int) -> CandidateSet:
+    """``objective=candidates``: each training example's candidate set for one epoch (re-drawn every epoch)."""
+    return draw_candidates(list(examples), dataset, size=cfg.candidate_size, seed=_epoch_seed(cfg.seed, epoch))
+
+
+def trained_batches(epoch: int, batch: int, batches_per_epoch: int) -> list[tuple[int, int]]:
+    """The (epoch, micro-batch) pairs a run at ``epoch``/``batch`` has trained on, in order."""
+    return [(e, b) for e in range(epoch) for b in range(batches_per_epoch)] + [(epoch, b) for b in range(batch)]
+
+
+def save_sets(path: Path, sets: Sequence[tuple[int, int, CandidateSet]]) -> str:
+    """(epoch, micro-batch or -1, sets) as one Parquet file (`CandidateSet.save` + those two columns)."""
+    cols = {k: np.concatenate([np.full(len(cs), v[i], dtype=np.int64) for *v, cs in sets]) if sets else
+            np.zeros(0, np.int64) for i, k in enumerate(("epoch", "batch"))}
+    return concat([cs for *_, cs in sets]).save(path, extra=cols)
+
+
 def lr_lambda(step: int, *, warmup: int, total: int) -> float:
     """Linear warm-up then linear decay to 0 at ``total``; the first update already has lr/(warmup+1), not 0 (the
     transformers schedule spends a whole update at lr 0, a large share of a 30-update CPU budget)."""
@@ -691,13 +718,11 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                                   state=accelerator.state, soft_prompt=soft_prompt is not None)
 
     def rank_distill(epoch: int, batch: int) -> torch.Tensor:
-        """The teacher's term over candidate sets for one micro-batch: ``distill_candidates`` training prefixes
-        (seeded by the micro-batch, so a resumed run draws the same), this process's share of them."""
+        """The teacher's term over candidate sets for one micro-batch: this process's share of its sets."""
         assert teacher is not None
-        rng = np.random.default_rng([cfg.seed, epoch, batch])
-        exs = [prefixes[i] for i in rng.choice(len(prefixes), cfg.distill_candidates, replace=False)]
         # every process draws all the sets (cheap), so each example's negatives do not depend on the process count
-        items = draw_candidates(exs, dataset, size=cfg.candidate_size, seed=int(rng.integers(2**31))).items
+        exs, sets = teacher_term_sets(prefixes, dataset, cfg, epoch, batch)
+        items = sets.items
         mine = slice(rank * len(exs) // world, (rank + 1) * len(exs) // world)
         hists, items = [e.history for e in exs[mine]], items[mine]
         prompts, titles = lsr_inputs(dataset, hists, items, domain, teacher_name, cfg.history_len,
@@ -724,8 +749,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     while not stop and st["step"] < cfg.max_steps:
         sampler.epoch, sampler.start = st["epoch"], st["batch"]
         if cands_epoch != st["epoch"] and not sequence:
-            cands = draw_candidates(examples, dataset, size=cfg.candidate_size,
-                                    seed=_epoch_seed(cfg.seed, st["epoch"]))
+            cands = epoch_sets(examples, dataset, cfg, st["epoch"])
             cands_epoch = st["epoch"]
         for idx in loader:
             rows = idx.tolist()
@@ -849,8 +873,18 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
             warnings.filterwarnings("ignore", message=".*have invalid shape.*")
             model.save_pretrained(str(tmp))
         steps_run = max(st["step"], 1)
+        # Every candidate set trained on, frozen like the evaluation's (redrawn from their seeds: the same on resume)
+        pairs = trained_batches(st["epoch"], st["batch"], len(sampler))
+        train_sets = None
+        if rank_kd:
+            train_sets = [(e, b, teacher_term_sets(prefixes, dataset, cfg, e, b)[1]) for e, b in pairs]
+        elif not sequence:
+            epochs = sorted({e for e, _ in pairs})
+            train_sets = [(e, -1, epoch_sets(examples, dataset, cfg, e)) for e in epochs]
+        train_hash = None if train_sets is None else save_sets(out_dir / TRAIN_CANDIDATES_FILE, train_sets)
         write_json(out_dir / "history.json", {
             "config": cfg.to_dict(), "adapter": cfg.adapter, "processes": world, "n_train_examples": len(examples),
+            "train_candidates": train_hash,
             "valid_candidates": None if valid is None else valid.hash(), "n_valid": 0 if valid is None else len(valid),
             "steps": st["step"], "best_step": st["best_step"], "best": st["best"],
             "objective": cfg.objective, "train_predictions": st.get("predictions", 0),

@@ -46,9 +46,11 @@ class CandidateSet:
         rows = np.asarray(rows, dtype=np.int64)
         return CandidateSet(self.users[rows], self.targets[rows], self.items[rows], self.seed)
 
-    def save(self, path: str | Path) -> str:
-        """Write Parquet atomically; returns the content hash."""
-        df = pd.DataFrame({"user": self.users, "target": self.targets, "candidates": list(self.items)})
+    def save(self, path: str | Path, extra: dict[str, np.ndarray] | None = None) -> str:
+        """Write Parquet atomically; returns the content hash. ``extra``: more columns, one value per row (e.g.
+        the epoch a training set was drawn for); `load` ignores them."""
+        df = pd.DataFrame({"user": self.users, "target": self.targets, "candidates": list(self.items),
+                           **(extra or {})})
         with atomic_path(path) as tmp:
             df.to_parquet(tmp, index=False)
         return self.hash()
@@ -70,6 +72,14 @@ class CandidateSet:
             raise DataError("target must appear exactly once among the candidates", file=path,
                             line=int(bad[0]) + 1, field="candidates")
         return cs
+
+
+def concat(sets: list[CandidateSet]) -> CandidateSet:
+    """Rows of several candidate sets of one size, in order (seed of the first)."""
+    if not sets:
+        return CandidateSet(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.int64), -1)
+    return CandidateSet(np.concatenate([c.users for c in sets]), np.concatenate([c.targets for c in sets]),
+                        np.concatenate([c.items for c in sets]), sets[0].seed)
 
 
 def draw_candidates(examples: list[Example], dataset: SeqDataset, size: int = 20, seed: int = 0) -> CandidateSet:
