@@ -404,18 +404,20 @@ def main() -> None:
         tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
                       **paired(runs[name], "DELRec", name, args.runs / f"{group}-{VARIANT_REUSE[v]}", "DELRec",
                                src_name)})
+    def comparable(run: Path) -> bool:  # a finished run ranked on this part's candidate file
+        return (run / "metrics.json").is_file() and \
+            read_json(run / "metrics.json")["candidates_hash"] == m["candidates_hash"]
+
     for v in variants:
         for other in VARIANT_AGAINST.get(v, []):
             other_run = args.runs / f"{group}-{other}"
-            if (other_run / "metrics.json").is_file() and read_json(other_run / "metrics.json")["candidates_hash"] == \
-                    m["candidates_hash"]:
+            if comparable(other_run):
                 tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
                               **paired(runs[VARIANTS[v][1]], "DELRec", VARIANTS[v][1], other_run, "DELRec",
                                        VARIANTS[other][1])})
     for other in BASE_AGAINST.get(group, []):  # e.g. λ chosen on validation users against λ fixed by hand
         other_run = args.runs / other
-        if (other_run / "metrics.json").is_file() and read_json(other_run / "metrics.json")["candidates_hash"] == \
-                m["candidates_hash"]:
+        if comparable(other_run):
             tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
                           **paired(base, "DELRec", base_name, other_run, "DELRec", BASE_NAMES.get(other, "DELRec"))})
     curves = {f"{group} {name}": curve(run, name) for name, run in runs.items()}  # one curve per run, not per part

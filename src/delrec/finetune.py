@@ -430,8 +430,9 @@ def trained_batches(epoch: int, batch: int, batches_per_epoch: int) -> list[tupl
 
 def save_sets(path: Path, sets: Sequence[tuple[int, int, CandidateSet]]) -> str:
     """(epoch, micro-batch or -1, sets) as one Parquet file (`CandidateSet.save` + those two columns)."""
-    cols = {k: np.concatenate([np.full(len(cs), v[i], dtype=np.int64) for *v, cs in sets]) if sets else
-            np.zeros(0, np.int64) for i, k in enumerate(("epoch", "batch"))}
+    sizes = [len(cs) for *_, cs in sets]
+    cols = {"epoch": np.repeat(np.array([e for e, _, _ in sets], dtype=np.int64), sizes),
+            "batch": np.repeat(np.array([b for _, b, _ in sets], dtype=np.int64), sizes)}
     return concat([cs for *_, cs in sets]).save(path, extra=cols)
 
 
@@ -722,9 +723,8 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         assert teacher is not None
         # every process draws all the sets (cheap), so each example's negatives do not depend on the process count
         exs, sets = teacher_term_sets(prefixes, dataset, cfg, epoch, batch)
-        items = sets.items
         mine = slice(rank * len(exs) // world, (rank + 1) * len(exs) // world)
-        hists, items = [e.history for e in exs[mine]], items[mine]
+        hists, items = [e.history for e in exs[mine]], sets.items[mine]
         prompts, titles = lsr_inputs(dataset, hists, items, domain, teacher_name, cfg.history_len,
                                      soft_prompt=soft_prompt is not None, year=scoring.year,
                                      verbalizer=scoring.verbalizer)
