@@ -89,6 +89,7 @@ def test_cpu_profile_is_small_and_overridable() -> None:
     # the paper profile: objective=candidates, no teacher term — both candidate-level options are refused there
     ("distill_candidates", 4), ("distill_standardize", True), ("distill_standardize", "yes"),
     ("windows_per_user", -1), ("windows_per_user", 1.5),
+    ("distill_target", "oracle"), ("distill_target", "truth"),  # truth: no candidate-level term in PAPER
 ])
 def test_bad_values_raise_config_error_naming_the_field(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:

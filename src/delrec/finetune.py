@@ -65,6 +65,7 @@ CHECKPOINT_DIR = "checkpoint"  # the resumable state of the last update inside s
 TRAIN_CANDIDATES_FILE = "train_candidates.parquet"  # every candidate set stage 2 trained on (`save_sets`)
 OBJECTIVES: tuple[str, ...] = ("candidates", "sequence")
 ADAPTERS: tuple[str, ...] = ("adalora", "lora", "none")
+DISTILL_TARGETS: tuple[str, ...] = ("teacher", "truth")
 METRICS: tuple[str, ...] = ("HR@1", "HR@5", "NDCG@5")
 ADAPTER_NAME = "default"  # peft's adapter name; AdaLoRA trains exactly one
 
@@ -125,6 +126,10 @@ class FinetuneConfig:
     # teacher term (both then over distill_temperature): it compares orderings, not the two models' scales
     # (summed title log-likelihoods are far more peaked than a teacher's softmax; stage1_log S13 vs S15).
     distill_standardize: bool = False
+    # What the candidate-level term fits: teacher (its softmax over each set: distillation) | truth (the one-hot true
+    # next item through the same z-scoring and temperature: the control that separates what the teacher knows from
+    # what the term's form — a ranking over listed candidates beside the windows — gives by itself).
+    distill_target: str = "teacher"
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
     profile: str = "paper"  # the preset these values started from (recorded only)
@@ -175,6 +180,12 @@ class FinetuneConfig:
                                          (self.objective == "sequence" and not self.distill_candidates)):
             raise bad("distill_standardize", "applies to a candidate-level teacher term only: needs distill_weight "
                                              "> 0 and objective=candidates or distill_candidates > 0")
+        if self.distill_target not in DISTILL_TARGETS:
+            raise bad("distill_target", f"must be one of {', '.join(DISTILL_TARGETS)}")
+        if self.distill_target != "teacher" and not (self.distill_weight and (
+                self.objective == "candidates" or self.distill_candidates)):
+            raise bad("distill_target", "applies to a candidate-level teacher term only: needs distill_weight > 0 "
+                                        "and objective=candidates or distill_candidates > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", "must be in [0, 1)")
         if self.candidate_size < 2:
@@ -409,6 +420,16 @@ def candidate_distill_loss(scores: torch.Tensor, teacher_logits: np.ndarray, cfg
     return F.cross_entropy(s, torch.softmax(t / cfg.distill_temperature, dim=1))
 
 
+def term_targets(teacher: SeqRecommender | None, histories: Sequence[np.ndarray], items: np.ndarray,
+                 targets: np.ndarray, cfg: FinetuneConfig) -> np.ndarray:
+    """The [B, C] logits the candidate-level term fits (`candidate_distill_loss`): the teacher's scores of the
+    candidates, or with ``distill_target=truth`` a one-hot row on each set's true next item (``targets``)."""
+    if cfg.distill_target == "truth":
+        return (np.asarray(items) == np.asarray(targets)[:, None]).astype(np.float32)
+    assert teacher is not None
+    return teacher_scores(teacher, histories, items)
+
+
 def teacher_term_sets(prefixes: Sequence[Example], dataset: SeqDataset, cfg: FinetuneConfig, epoch: int, batch: int
                       ) -> tuple[list[Example], CandidateSet]:
     """The ``distill_candidates`` training prefixes of one micro-batch's teacher term and their candidate sets,
@@ -635,7 +656,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                           f"verbalizer {scoring.verbalizer!r} on a {getattr(backbone, 'kind', '?')} model",
                           field="finetune.objective")
     kd = cfg.distill_weight > 0
-    if kd and teacher is None:
+    if kd and teacher is None and cfg.distill_target == "teacher":
         raise ConfigError(f"distill_weight {cfg.distill_weight} needs the trained teacher ({teacher_name})",
                           field="finetune.distill_weight")
     rank_kd = kd and sequence and cfg.distill_candidates > 0  # the teacher's term over candidate sets (below)
@@ -720,7 +741,6 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
 
     def rank_distill(epoch: int, batch: int) -> torch.Tensor:
         """The teacher's term over candidate sets for one micro-batch: this process's share of its sets."""
-        assert teacher is not None
         # every process draws all the sets (cheap), so each example's negatives do not depend on the process count
         exs, sets = teacher_term_sets(prefixes, dataset, cfg, epoch, batch)
         mine = slice(rank * len(exs) // world, (rank + 1) * len(exs) // world)
@@ -728,7 +748,8 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         prompts, titles = lsr_inputs(dataset, hists, items, domain, teacher_name, cfg.history_len,
                                      soft_prompt=soft_prompt is not None, year=scoring.year,
                                      verbalizer=scoring.verbalizer)
-        return candidate_distill_loss(wrapped(prompts, titles), teacher_scores(teacher, hists, items), cfg)
+        return candidate_distill_loss(wrapped(prompts, titles), term_targets(teacher, hists, items,
+                                                                             sets.targets[mine], cfg), cfg)
 
     def record(entry: dict[str, Any]) -> None:
         st["history"].append(entry)
@@ -796,8 +817,8 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                     scores = wrapped(prompts, titles)  # [b, C] whole-title log-likelihoods
                     loss = F.cross_entropy(scores.float(), target)
                     if kd:  # the teacher's softmax over the same candidates as soft labels
-                        assert teacher is not None
-                        t_scores = teacher_scores(teacher, [examples[i].history for i in rows], cands.items[rows])
+                        t_scores = term_targets(teacher, [examples[i].history for i in rows], cands.items[rows],
+                                                cands.targets[rows], cfg)
                         kd_loss = candidate_distill_loss(scores, t_scores, cfg)
                         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd_loss
                         kd_sum += float(kd_loss.detach())
