@@ -213,3 +213,23 @@ def test_prior_scores_equal_each_pair_scored_alone(kind: str) -> None:
     assert cached[0, 0] == cached[1, 2] == 123.0 and cached[2, 0] == pytest.approx(got[2, 0])
     np.testing.assert_allclose(cached[3], got[3], rtol=1e-6)
     assert len(cache) == 1 + 6 + 3  # 1 given + the other 6 distinct titles after `empty` + 3 after `other`
+
+
+def test_ranking_loss_compares_orderings_when_standardized() -> None:
+    """The one candidate-level ranking loss (stage 1's ranking RPS, stage 2's teacher term): z-scored, it ignores
+    each row's shift and scale — an LM's summed log-likelihoods and a teacher's logits are compared by ordering —
+    and a one-hot target gives plain cross-entropy of the target column."""
+    from delrec.llm.scoring import ranking_loss, soft_targets
+
+    g = torch.Generator().manual_seed(0)
+    lm, teacher = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    target = soft_targets(teacher, 0.5, standardize=True)
+    assert torch.allclose(target.sum(1), torch.ones(4))
+    assert torch.allclose(soft_targets(teacher * 7 - 3, 0.5, standardize=True), target, atol=1e-6)
+    z = ranking_loss(lm, target, 0.5, standardize=True)
+    assert torch.allclose(ranking_loss(lm * 30 - 50, target, 0.5, standardize=True), z, atol=1e-5)
+    assert not torch.allclose(ranking_loss(lm * 30 - 50, target), ranking_loss(lm, target))  # raw: scale counts
+    cols = torch.tensor([1, 0, 9, 3])
+    onehot = F.one_hot(cols, 10).float()
+    assert torch.allclose(ranking_loss(lm, onehot), ranking_loss(lm, cols))
+    assert ranking_loss(lm, cols, reduction="sum").item() == pytest.approx(4 * ranking_loss(lm, cols).item(), 1e-5)

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from delrec.data.candidates import CandidateSet, draw_candidates
@@ -50,7 +49,7 @@ from delrec.llm.prompts import (
     truncate_history,
 )
 from delrec.llm.prompts import render_lsr as prompts_lsr
-from delrec.llm.scoring import TitleScorer, prior_scores, zscore
+from delrec.llm.scoring import TitleScorer, prior_scores, ranking_loss, soft_targets
 from delrec.llm.soft_prompt import SoftPrompt, SoftPromptConfig
 from delrec.metrics import choose_prior_weight, hit_rate, ndcg, prior_record, ranks_from_scores
 from delrec.teachers import SeqRecommender
@@ -284,9 +283,7 @@ def build_rps_ranking(split: Split, dataset: SeqDataset, teacher: SeqRecommender
     examples = _cap(split.examples("train", sliding=True), cap, seed)
     cands = draw_candidates(examples, dataset, size=size, seed=seed)
     logits = torch.as_tensor(teacher_scores(teacher, [ex.history for ex in examples], cands.items)).double()
-    if standardize:
-        logits = zscore(logits)
-    return examples, cands, torch.softmax(logits / temperature, dim=1).float().numpy()
+    return examples, cands, soft_targets(logits, temperature, standardize).float().numpy()
 
 
 # --- rendering examples into (prompt, candidate titles, target column) ------------------------------------------
@@ -478,7 +475,7 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
                                   verbalizer=verb)
         train_sets["rps"] = _example_sets(ex_rps, cfg.seed)
     # rps_standardize: the LM's candidate scores are z-scored (and over the temperature) as the teacher's were
-    zscale = {"rps": 1 / cfg.rps_temperature} if ranking_rps and cfg.rps_standardize else {}
+    ztemp = {"rps": cfg.rps_temperature} if ranking_rps and cfg.rps_standardize else {}
     for name, (prompts, _, _) in tasks.items():
         if not prompts:
             raise DataError(f"no {name.upper()} training examples (TA needs sequences of >= {TA_MIN_LEN} items)",
@@ -524,7 +521,7 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
                 if name == "rps" and packed_rps:
                     losses[name], grads[name] = _sequence_grad(scorer, data, rows, cfg.micro_batch_size)
                 else:
-                    losses[name], grads[name] = _task_grad(scorer, data, rows, cfg.micro_batch_size, zscale.get(name))
+                    losses[name], grads[name] = _task_grad(scorer, data, rows, cfg.micro_batch_size, ztemp.get(name))
             names = list(tasks)
             if len(names) == 1:
                 w = torch.ones(1)
@@ -619,11 +616,11 @@ def _batch_rows(n: int, batch: int, step: int, seed: int, task: str) -> np.ndarr
     return np.array([perms[int(e)][i] for e, i in zip(epochs, within, strict=True)], dtype=np.int64)
 
 
-def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int, zscale: float | None = None
+def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int, ztemp: float | None = None
                ) -> tuple[float, torch.Tensor]:
     """Mean cross-entropy of the target (a column, or a distribution over the candidates) over candidate scores for
-    ``rows``, and its gradient w.r.t. the soft prompt (accumulated over micro-batches of ``micro`` examples).
-    ``zscale``: the scores are z-scored per row and multiplied by it first (``rps_standardize``)."""
+    ``rows`` (`ranking_loss`), and its gradient w.r.t. the soft prompt (accumulated over micro-batches of ``micro``
+    examples). ``ztemp``: the scores are z-scored per row and over this temperature first (``rps_standardize``)."""
     prompts, cands, target = data
     weight = scorer.soft_prompt.weight  # type: ignore[union-attr]
     grad = torch.zeros_like(weight)
@@ -631,10 +628,8 @@ def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int
     for s in range(0, len(rows), micro):
         r = rows[s:s + micro]
         scores = scorer.score([prompts[i] for i in r], [cands[i] for i in r])  # [m, C]
-        if zscale is not None:
-            scores = zscore(scores) * zscale
-        y = torch.as_tensor(target[r], device=scores.device)
-        loss = F.cross_entropy(scores, y, reduction="sum") / len(rows)
+        y = torch.as_tensor(target[r])
+        loss = ranking_loss(scores, y, ztemp or 1.0, ztemp is not None, reduction="sum") / len(rows)
         (g,) = torch.autograd.grad(loss, [weight])
         grad += g
         total += float(loss.detach())

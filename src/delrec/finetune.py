@@ -46,7 +46,7 @@ from delrec.data.splits import Example, Split
 from delrec.errors import ConfigError, DataError, DelrecError
 from delrec.evaluate import histories_for, lsr_inputs, validation_metrics
 from delrec.io import atomic_dir, atomic_path, read_json, sha256_bytes, write_json
-from delrec.llm.scoring import zscore
+from delrec.llm.scoring import ranking_loss, soft_targets
 from delrec.llm.title_trie import TitleTrie
 from delrec.teachers import SeqRecommender, predict_proba
 from delrec.teachers import score_candidates as teacher_scores
@@ -411,13 +411,11 @@ def window_targets(teacher: SeqRecommender, trie: TitleTrie, windows: Sequence[n
 
 
 def candidate_distill_loss(scores: torch.Tensor, teacher_logits: np.ndarray, cfg: FinetuneConfig) -> torch.Tensor:
-    """Cross-entropy of the LM's softmax over each candidate set ([B, C] scores) against the teacher's softmax at
-    ``distill_temperature``; with ``distill_standardize`` both rows are z-scored first and both divided by it."""
-    s = scores.float()
-    t = torch.as_tensor(teacher_logits, device=s.device, dtype=torch.float32)
-    if cfg.distill_standardize:
-        s, t = zscore(s) / cfg.distill_temperature, zscore(t)
-    return F.cross_entropy(s, torch.softmax(t / cfg.distill_temperature, dim=1))
+    """Stage 2's candidate-level teacher term (`ranking_loss`): the LM's softmax over each candidate set ([B, C]
+    scores) against the teacher's at ``distill_temperature``, both rows z-scored first with ``distill_standardize``."""
+    t = torch.as_tensor(teacher_logits, device=scores.device, dtype=torch.float32)
+    return ranking_loss(scores, soft_targets(t, cfg.distill_temperature, cfg.distill_standardize),
+                        cfg.distill_temperature, cfg.distill_standardize)
 
 
 def term_targets(teacher: SeqRecommender | None, histories: Sequence[np.ndarray], items: np.ndarray,

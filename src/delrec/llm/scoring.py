@@ -458,6 +458,24 @@ def zscore(scores: torch.Tensor) -> torch.Tensor:
     return centred / centred.std(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
+def soft_targets(logits: torch.Tensor, temperature: float = 1.0, standardize: bool = False) -> torch.Tensor:
+    """A teacher's [B, C] candidate logits as the soft labels of `ranking_loss`: the softmax of each row over
+    ``temperature``, of the z-scored row with ``standardize``."""
+    return torch.softmax((zscore(logits) if standardize else logits) / temperature, dim=-1)
+
+
+def ranking_loss(scores: torch.Tensor, target: torch.Tensor, temperature: float = 1.0, standardize: bool = False,
+                 reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the LM's softmax over each candidate set ([B, C] scores) against ``target`` — each row's
+    target column ([B] integers) or a distribution over its candidates ([B, C], `soft_targets`). With
+    ``standardize`` the scores are z-scored and over ``temperature`` first, as `soft_targets` treats the teacher's:
+    the one candidate-level ranking loss of stage 1 (``distill.rps_standardize``) and stage 2's teacher term."""
+    s = scores.float()
+    if standardize:
+        s = zscore(s) / temperature
+    return F.cross_entropy(s, target.to(s.device), reduction=reduction)
+
+
 def prior_scores(scorer: TitleScorer, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                  progress: bool = False, cache: dict[tuple[str, str], float] | None = None) -> np.ndarray:
     """[B, C] score of each candidate after its row's prompt, each distinct (prompt, title) pair scored once.
