@@ -89,6 +89,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # + the teacher's ranking of 2 training prefixes per update (learning_log WK1, chosen on the validation ends)
     "w3-kd2": (["finetune.distill_candidates=2", "finetune.distill_weight=0.5", "finetune.distill_temperature=0.5",
                 "finetune.distill_standardize=true"], "DELRec, last 3 windows + teacher ranking, prior weight auto"),
+    # its control: the same term fitted to the one-hot true next item (finetune.distill_target=truth): the teacher's
+    # knowledge or the term's ranking form?
+    "w3-truth2": (["finetune.distill_candidates=2", "finetune.distill_weight=0.5", "finetune.distill_temperature=0.5",
+                   "finetune.distill_standardize=true", "finetune.distill_target=truth"],
+                  "DELRec, last 3 windows + true-item ranking, prior weight auto"),
     # what stage 1 buys the cpu profile as it is now: its soft prompt left at initialisation, or trained on one task
     "w3-untrained": (["distill.max_steps=0"], "DELRec, last 3 windows, untrained soft prompt, prior weight auto"),
     "w3-no-ta": (["distill.tasks=[rps]"], "DELRec w/o TA, last 3 windows, prior weight auto"),
@@ -129,6 +134,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-loo-cpu-w3": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, []),
     "ml-100k-loo-cpu-w3-tallrec": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-tallrec"]),
     "ml-100k-loo-cpu-w3-kd2": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-kd2"]),
+    "ml-100k-loo-cpu-w3-truth2": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-truth2"]),
     "ml-100k-loo-cpu-w3-untrained": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-untrained"]),
     "ml-100k-loo-cpu-w3-ablations": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-no-ta", "w3-no-rps"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", _LOO, []),
@@ -167,7 +173,7 @@ BASE_AGAINST: dict[str, list[str]] = {"beauty-loo-cpu-w8-auto": ["beauty-loo-cpu
 # a variant against another variant of its group (when that one has run): e.g. the untrained soft prompt against no
 # soft prompt at all, which tells the extra tokens' cost from the distilled content's worth
 VARIANT_AGAINST: dict[str, list[str]] = {"w3-untrained": ["w3-tallrec"], "w3-no-ta": ["w3-untrained"],
-                                         "w3-no-rps": ["w3-untrained"]}
+                                         "w3-no-rps": ["w3-untrained"], "w3-truth2": ["w3-kd2"]}
 
 
 def delrec_run(out: Path, overrides: list[str], reuse: Path | None, log: Path) -> float:
