@@ -98,6 +98,18 @@ def test_bad_values_raise_config_error_naming_the_field(key: str, value: object)
     assert "finetune." in str(err.value)
 
 
+def test_truth_target_needs_a_z_scored_candidate_level_term() -> None:
+    """distill_target=truth is refused where no candidate-level term exists or where it is not z-scored (a 0/1 row
+    over the temperature would then be a near-uniform target), and accepted on the z-scored term."""
+    term = dict(distill_weight=0.5, distill_candidates=2, distill_standardize=True, distill_temperature=0.5)
+    assert FinetuneConfig.from_profile("cpu", **term, distill_target="truth").distill_target == "truth"
+    for bad in ({**term, "distill_standardize": False}, {**term, "distill_candidates": 0,
+                                                           "distill_standardize": False}, {}):
+        with pytest.raises(ConfigError) as err:
+            FinetuneConfig.from_profile("cpu", **bad, distill_target="truth")
+        assert err.value.field == "finetune.distill_target"
+
+
 def test_unknown_profile_or_setting_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown profile") as err:
         FinetuneConfig.from_profile("gpu-cluster")

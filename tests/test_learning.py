@@ -235,6 +235,14 @@ def test_stage2_distillation_over_the_candidates_teaches_the_teachers_choice(tmp
     assert hr[1.0] >= 0.75 and hr[0.0] < 0.25, hr
 
 
+def _packed_stage2(**over: object) -> FinetuneConfig:
+    """The tiny packed stage 2 (objective=sequence) of the candidate-level term's tests, with ``over`` on top."""
+    base = dict(adapter="lora", target_r=8, lr=0.03, warmup_steps=0, max_steps=30, batch_size=4, grad_accum=1,
+                eval_every=100, patience=0, history_len=6, max_train_examples=8, max_valid_examples=4,
+                candidate_size=10, lora_dropout=0.0, seed=0, objective="sequence")
+    return FinetuneConfig.from_profile("cpu", **{**base, **over})
+
+
 def test_stage2_packed_training_with_candidate_distillation_teaches_the_teachers_choice(tmp_path) -> None:
     """objective=sequence with distill_candidates: beside its packed windows (weight 1 − λ, here 0), each update ranks
     8 training prefixes over candidate sets and fits the teacher's z-scored softmax over them (distill_standardize;
@@ -244,10 +252,7 @@ def test_stage2_packed_training_with_candidate_distillation_teaches_the_teachers
     ds = tiny_dataset(n_users=24, n_items=60, seed=3)
     split = make_split(ds, "user", seed=0)
     sc = ScoringConfig(verbalizer="next", reduce="sum")
-    cfg = FinetuneConfig.from_profile("cpu", adapter="lora", target_r=8, lr=0.03, warmup_steps=0, max_steps=30,
-                                      batch_size=4, grad_accum=1, eval_every=100, patience=0, history_len=6,
-                                      max_train_examples=8, max_valid_examples=4, candidate_size=10,
-                                      lora_dropout=0.0, seed=0, objective="sequence")
+    cfg = _packed_stage2()
     exs = [e for e in train_examples(split, dataclasses.replace(cfg, sliding_window=True, max_train_examples=0))
            if 7 not in e.history.tolist() and e.target != 7][:16]
     rng = np.random.default_rng(1)
@@ -360,12 +365,8 @@ def test_stage2_candidate_term_with_the_truth_as_target_overfits_the_true_next_i
     ds = tiny_dataset(n_users=24, n_items=60, seed=3)
     split = make_split(ds, "user", seed=0)
     sc = ScoringConfig(verbalizer="next", reduce="sum")
-    cfg = FinetuneConfig.from_profile("cpu", adapter="lora", target_r=8, lr=0.03, warmup_steps=0, max_steps=60,
-                                      batch_size=4, grad_accum=1, eval_every=100, patience=0, history_len=1,
-                                      max_train_examples=8, max_valid_examples=4, candidate_size=10,
-                                      lora_dropout=0.0, seed=0, objective="sequence", windows_per_user=1,
-                                      distill_weight=1.0, distill_candidates=8, distill_standardize=True,
-                                      distill_temperature=0.25, distill_target="truth")
+    cfg = _packed_stage2(max_steps=60, history_len=1, windows_per_user=1, distill_weight=1.0, distill_candidates=8,
+                         distill_standardize=True, distill_temperature=0.25, distill_target="truth")
     prefixes = train_prefixes(split, cfg)
     assert len(prefixes) < 25
     drawn = [teacher_term_sets(prefixes, ds, cfg, 0, b) for b in range(4)]  # 32 of the sets the term trains on

@@ -219,7 +219,7 @@ def test_ranking_loss_compares_orderings_when_standardized() -> None:
     """The one candidate-level ranking loss (stage 1's ranking RPS, stage 2's teacher term): z-scored, it ignores
     each row's shift and scale — an LM's summed log-likelihoods and a teacher's logits are compared by ordering —
     and a one-hot target gives plain cross-entropy of the target column."""
-    from delrec.llm.scoring import ranking_loss, soft_targets
+    from delrec.llm.scoring import ranking_loss, soft_targets, zscore
 
     g = torch.Generator().manual_seed(0)
     lm, teacher = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
@@ -229,6 +229,11 @@ def test_ranking_loss_compares_orderings_when_standardized() -> None:
     z = ranking_loss(lm, target, 0.5, standardize=True)
     assert torch.allclose(ranking_loss(lm * 30 - 50, target, 0.5, standardize=True), z, atol=1e-5)
     assert not torch.allclose(ranking_loss(lm * 30 - 50, target), ranking_loss(lm, target))  # raw: scale counts
+    # the formulas both stages used before sharing it: stage 2's teacher term and stage 1's z-scored RPS
+    assert torch.allclose(z, F.cross_entropy(zscore(lm) / 0.5, torch.softmax(zscore(teacher) / 0.5, dim=1)))
+    assert torch.allclose(ranking_loss(lm, target), F.cross_entropy(lm, target))
+    assert torch.allclose(ranking_loss(lm, target, 0.5, True, reduction="sum") / 4,
+                          F.cross_entropy(zscore(lm) * (1 / 0.5), target, reduction="sum") / 4)
     cols = torch.tensor([1, 0, 9, 3])
     onehot = F.one_hot(cols, 10).float()
     assert torch.allclose(ranking_loss(lm, onehot), ranking_loss(lm, cols))

@@ -126,9 +126,10 @@ class FinetuneConfig:
     # teacher term (both then over distill_temperature): it compares orderings, not the two models' scales
     # (summed title log-likelihoods are far more peaked than a teacher's softmax; stage1_log S13 vs S15).
     distill_standardize: bool = False
-    # What the candidate-level term fits: teacher (its softmax over each set: distillation) | truth (the one-hot true
-    # next item through the same z-scoring and temperature: the control that separates what the teacher knows from
-    # what the term's form — a ranking over listed candidates beside the windows — gives by itself).
+    # What the candidate-level term fits: teacher (its softmax over each set: distillation) | truth (a 0/1 row on the
+    # true next item through the same z-scoring and temperature — ≈ one-hot, 0.997 at T 0.5 over 20 — the control
+    # that separates what the teacher knows from what the term's form, a ranking over listed candidates beside the
+    # windows, gives by itself; needs distill_standardize).
     distill_target: str = "teacher"
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
@@ -182,10 +183,11 @@ class FinetuneConfig:
                                              "> 0 and objective=candidates or distill_candidates > 0")
         if self.distill_target not in DISTILL_TARGETS:
             raise bad("distill_target", f"must be one of {', '.join(DISTILL_TARGETS)}")
-        if self.distill_target != "teacher" and not (self.distill_weight and (
+        if self.distill_target != "teacher" and not (self.distill_weight and self.distill_standardize and (
                 self.objective == "candidates" or self.distill_candidates)):
-            raise bad("distill_target", "applies to a candidate-level teacher term only: needs distill_weight > 0 "
-                                        "and objective=candidates or distill_candidates > 0")
+            # without z-scoring a 0/1 row over the temperature is a near-uniform target (1/(C−1+e) at T 1)
+            raise bad("distill_target", "applies to a z-scored candidate-level term only: needs distill_weight > 0, "
+                                        "distill_standardize=true and objective=candidates or distill_candidates > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", "must be in [0, 1)")
         if self.candidate_size < 2:
@@ -421,7 +423,8 @@ def candidate_distill_loss(scores: torch.Tensor, teacher_logits: np.ndarray, cfg
 def term_targets(teacher: SeqRecommender | None, histories: Sequence[np.ndarray], items: np.ndarray,
                  targets: np.ndarray, cfg: FinetuneConfig) -> np.ndarray:
     """The [B, C] logits the candidate-level term fits (`candidate_distill_loss`): the teacher's scores of the
-    candidates, or with ``distill_target=truth`` a one-hot row on each set's true next item (``targets``)."""
+    candidates, or with ``distill_target=truth`` a 0/1 row on each set's true next item (``targets``), which the
+    term's z-scoring and temperature turn into a near one-hot target."""
     if cfg.distill_target == "truth":
         return (np.asarray(items) == np.asarray(targets)[:, None]).astype(np.float32)
     assert teacher is not None
@@ -711,7 +714,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         "scoring": dataclasses.asdict(scoring),
         "backbone_params": sum(p.numel() for p in _base_model(model).parameters()),
     }
-    if kd:
+    if kd and cfg.distill_target == "teacher":
         fingerprint["teacher_model"] = _tensor_hash(teacher)
     ckpt_dir = out_dir / CHECKPOINT_DIR
     st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
@@ -966,6 +969,7 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any], model: nn.Modu
         old["config"].setdefault("distill_candidates", 0)  # … and before the candidate-level teacher term options
         old["config"].setdefault("distill_standardize", False)
         old["config"].setdefault("windows_per_user", 0)  # … and before windows_per_user
+        old["config"].setdefault("distill_target", "teacher")  # … and before distill_target
     if isinstance(old.get("scoring"), dict):  # … and from before scoring.prior_weight, which was 0 then
         old["scoring"].setdefault("prior_weight", 0.0)
     def flat(d: dict[str, Any]) -> dict[str, Any]:
