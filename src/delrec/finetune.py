@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -816,7 +815,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                                                  verbalizer=scoring.verbalizer)
                     target = torch.as_tensor(cands.target_pos[rows], device=accelerator.device)
                     scores = wrapped(prompts, titles)  # [b, C] whole-title log-likelihoods
-                    loss = F.cross_entropy(scores.float(), target)
+                    loss = ranking_loss(scores, target)
                     if kd:  # the teacher's softmax over the same candidates as soft labels
                         t_scores = term_targets(teacher, [examples[i].history for i in rows], cands.items[rows],
                                                 cands.targets[rows], cfg)
