@@ -15,8 +15,9 @@ import torch
 from delrec.data.candidates import draw_candidates
 from delrec.data.splits import make_split
 from delrec.distill import DistillConfig, build_ta_examples, distill, render_ta
+from delrec.errors import ConfigError
 from delrec.evaluate import lsr_inputs
-from delrec.finetune import FinetuneConfig, finetune, train_examples
+from delrec.finetune import FinetuneConfig, finetune, term_targets, train_examples
 from delrec.llm import SoftPromptConfig
 from delrec.llm.prompts import ScoringConfig
 from delrec.llm.scoring import TitleScorer
@@ -276,6 +277,36 @@ class _Ranker(_Favourite):
         out = -0.5 * torch.arange(self.n_items + 1, dtype=torch.float32).expand(item_seq.shape[0], -1).clone()
         out[:, 0] = float("-inf")
         return out + 0 * self.bias
+
+
+def test_stage2_term_targets_teacher_truth_and_their_mix() -> None:
+    """The candidate-level term's target (`term_targets`): the teacher's z-scored softmax tops its own favourite,
+    distill_target=truth the true next item (near one-hot), and distill_truth_weight w their mix w·truth +
+    (1−w)·teacher — at w 0.5 the truth on top, the negatives in the teacher's order. w on the truth target is
+    refused."""
+
+    teacher = _Ranker(12, 1)  # item i scores −0.5·i: the lowest index wins
+    items = np.array([[5, 2, 9, 4], [7, 3, 8, 11]])
+    targets = np.array([9, 11])  # the teacher's last choice in both sets
+    hists = [np.array([1]), np.array([6])]
+    term = dict(distill_weight=0.5, distill_candidates=2, distill_standardize=True, distill_temperature=0.5)
+    p_teacher = term_targets(teacher, hists, items, targets, FinetuneConfig.from_profile("cpu", **term))
+    p_truth = term_targets(None, hists, items, targets,
+                           FinetuneConfig.from_profile("cpu", **term, distill_target="truth"))
+    p_mix = term_targets(teacher, hists, items, targets,
+                         FinetuneConfig.from_profile("cpu", **term, distill_truth_weight=0.5))
+    for p in (p_teacher, p_truth, p_mix):
+        np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)
+    assert (items[np.arange(2), p_teacher.argmax(1)] == [2, 3]).all()
+    assert (p_truth[items == targets[:, None]] > 0.9).all()  # 0.95 over 4 candidates at T 0.5, 0.997 over 20
+    np.testing.assert_allclose(p_mix, 0.5 * p_truth + 0.5 * p_teacher, rtol=1e-5)
+    assert (items[np.arange(2), p_mix.argmax(1)] == targets).all()
+    neg = items != targets[:, None]  # the negatives keep the teacher's order
+    for r in range(2):
+        assert (np.argsort(-p_mix[r][neg[r]]) == np.argsort(-p_teacher[r][neg[r]])).all()
+    with pytest.raises(ConfigError) as err:
+        FinetuneConfig.from_profile("cpu", **term, distill_target="truth", distill_truth_weight=0.5)
+    assert err.value.field == "finetune.distill_truth_weight"
 
 
 @pytest.mark.parametrize("standardize", [False, True], ids=["raw", "zscored"])

@@ -130,6 +130,10 @@ class FinetuneConfig:
     # that separates what the teacher knows from what the term's form, a ranking over listed candidates beside the
     # windows, gives by itself; needs distill_standardize).
     distill_target: str = "teacher"
+    # Share of the true next item in the teacher term's target: w·(truth's target) + (1−w)·(the teacher's softmax),
+    # both as above — Hinton's knowledge distillation, where the teacher supplies the order of the negatives and the
+    # truth corrects the teacher's misses; 0 = the teacher's softmax alone. Needs distill_target=teacher.
+    distill_truth_weight: float = 0.0
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
     profile: str = "paper"  # the preset these values started from (recorded only)
@@ -187,6 +191,12 @@ class FinetuneConfig:
             # without z-scoring a 0/1 row over the temperature is a near-uniform target (1/(C−1+e) at T 1)
             raise bad("distill_target", "applies to a z-scored candidate-level term only: needs distill_weight > 0, "
                                         "distill_standardize=true and objective=candidates or distill_candidates > 0")
+        w = self.distill_truth_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w <= 1.0:
+            raise bad("distill_truth_weight", "must be a number in [0, 1]")
+        if w and (self.distill_target != "teacher" or not self.distill_standardize):
+            raise bad("distill_truth_weight", "mixes the truth into the teacher's z-scored candidate-level target: "
+                                              "needs distill_target=teacher and distill_standardize=true")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", "must be in [0, 1)")
         if self.candidate_size < 2:
@@ -411,23 +421,31 @@ def window_targets(teacher: SeqRecommender, trie: TitleTrie, windows: Sequence[n
     return [trie.targets(item, probs[r]) for r, item in enumerate(items)]
 
 
-def candidate_distill_loss(scores: torch.Tensor, teacher_logits: np.ndarray, cfg: FinetuneConfig) -> torch.Tensor:
-    """Stage 2's candidate-level teacher term (`ranking_loss`): the LM's softmax over each candidate set ([B, C]
-    scores) against the teacher's at ``distill_temperature``, both rows z-scored first with ``distill_standardize``."""
-    t = torch.as_tensor(teacher_logits, device=scores.device, dtype=torch.float32)
-    return ranking_loss(scores, soft_targets(t, cfg.distill_temperature, cfg.distill_standardize),
-                        cfg.distill_temperature, cfg.distill_standardize)
+def candidate_distill_loss(scores: torch.Tensor, target: np.ndarray, cfg: FinetuneConfig) -> torch.Tensor:
+    """Stage 2's candidate-level term (`ranking_loss`): the LM's softmax over each candidate set ([B, C] scores),
+    z-scored first with ``distill_standardize`` and over ``distill_temperature``, against ``target``
+    (`term_targets`)."""
+    t = torch.as_tensor(target, device=scores.device, dtype=torch.float32)
+    return ranking_loss(scores, t, cfg.distill_temperature, cfg.distill_standardize)
 
 
 def term_targets(teacher: SeqRecommender | None, histories: Sequence[np.ndarray], items: np.ndarray,
                  targets: np.ndarray, cfg: FinetuneConfig) -> np.ndarray:
-    """The [B, C] logits the candidate-level term fits (`candidate_distill_loss`): the teacher's scores of the
-    candidates, or with ``distill_target=truth`` a 0/1 row on each set's true next item (``targets``), which the
-    term's z-scoring and temperature turn into a near one-hot target."""
+    """The [B, C] distribution over each candidate set that the candidate-level term fits: the teacher's softmax
+    (`soft_targets` of its scores), or with ``distill_target=truth`` that of a 0/1 row on each set's true next item
+    (``targets``) — near one-hot after z-scoring and the temperature — or, with ``distill_truth_weight`` w, the mix
+    w·truth + (1−w)·teacher."""
+    def soft(logits: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(logits, dtype=torch.float32)
+        return soft_targets(t, cfg.distill_temperature, cfg.distill_standardize).numpy()
+
+    truth = (np.asarray(items) == np.asarray(targets)[:, None]).astype(np.float32)
     if cfg.distill_target == "truth":
-        return (np.asarray(items) == np.asarray(targets)[:, None]).astype(np.float32)
+        return soft(truth)
     assert teacher is not None
-    return teacher_scores(teacher, histories, items)
+    p = soft(teacher_scores(teacher, histories, items))
+    w = cfg.distill_truth_weight
+    return w * soft(truth) + (1 - w) * p if w else p
 
 
 def teacher_term_sets(prefixes: Sequence[Example], dataset: SeqDataset, cfg: FinetuneConfig, epoch: int, batch: int
@@ -969,6 +987,7 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any], model: nn.Modu
         old["config"].setdefault("distill_standardize", False)
         old["config"].setdefault("windows_per_user", 0)  # … and before windows_per_user
         old["config"].setdefault("distill_target", "teacher")  # … and before distill_target
+        old["config"].setdefault("distill_truth_weight", 0.0)  # … and before distill_truth_weight
     if isinstance(old.get("scoring"), dict):  # … and from before scoring.prior_weight, which was 0 then
         old["scoring"].setdefault("prior_weight", 0.0)
     def flat(d: dict[str, Any]) -> dict[str, Any]:
