@@ -91,6 +91,7 @@ def test_cpu_profile_is_small_and_overridable() -> None:
     ("windows_per_user", -1), ("windows_per_user", 1.5),
     ("distill_target", "oracle"), ("distill_target", "truth"),  # truth: no candidate-level term in PAPER
     ("distill_truth_weight", 1.5), ("distill_truth_weight", -0.1), ("distill_truth_weight", "half"),
+    ("distill_truth_weight", True), ("distill_truth_weight", float("nan")),
     ("distill_truth_weight", 0.5),  # PAPER: no z-scored candidate-level teacher term to mix the truth into
 ])
 def test_bad_values_raise_config_error_naming_the_field(key: str, value: object) -> None:

@@ -304,9 +304,10 @@ def test_stage2_term_targets_teacher_truth_and_their_mix() -> None:
     neg = items != targets[:, None]  # the negatives keep the teacher's order
     for r in range(2):
         assert (np.argsort(-p_mix[r][neg[r]]) == np.argsort(-p_teacher[r][neg[r]])).all()
-    with pytest.raises(ConfigError) as err:
-        FinetuneConfig.from_profile("cpu", **term, distill_target="truth", distill_truth_weight=0.5)
-    assert err.value.field == "finetune.distill_truth_weight"
+    for bad in ({"distill_target": "truth", "distill_truth_weight": 0.5}, {"distill_truth_weight": 1}):
+        with pytest.raises(ConfigError) as err:  # w 1 is the truth target: it would load the teacher for nothing
+            FinetuneConfig.from_profile("cpu", **term, **bad)
+        assert err.value.field == "finetune.distill_truth_weight"
 
 
 @pytest.mark.parametrize("standardize", [False, True], ids=["raw", "zscored"])

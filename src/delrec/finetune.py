@@ -116,7 +116,7 @@ class FinetuneConfig:
     # candidates), or over every item, spelled along the title's tokens (objective sequence; `TitleTrie`).
     # 0 = the paper (the teacher reaches stage 2 only through the soft prompt).
     distill_weight: float = 0.0
-    distill_temperature: float = 1.0  # softmax temperature of the teacher's logits in that term
+    distill_temperature: float = 1.0  # softmax temperature of that term's target (and of the LM's scores, z-scored)
     # objective=sequence: the teacher's term ranks this many training prefixes per micro-batch (all processes
     # together) over a candidate set each — the next item + candidate_size−1 negatives outside the user's sequence,
     # on the stage-2 prompt, the metric's own form — instead of spelling its distribution along title tokens; 0 = off.
@@ -132,7 +132,8 @@ class FinetuneConfig:
     distill_target: str = "teacher"
     # Share of the true next item in the teacher term's target: w·(truth's target) + (1−w)·(the teacher's softmax),
     # both as above — Hinton's knowledge distillation, where the teacher supplies the order of the negatives and the
-    # truth corrects the teacher's misses; 0 = the teacher's softmax alone. Needs distill_target=teacher.
+    # truth corrects the teacher's misses; 0 = the teacher's softmax alone, 1 is distill_target=truth (refused here:
+    # it would load the teacher for nothing). Needs distill_target=teacher and distill_standardize.
     distill_truth_weight: float = 0.0
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
@@ -193,7 +194,9 @@ class FinetuneConfig:
                                         "distill_standardize=true and objective=candidates or distill_candidates > 0")
         w = self.distill_truth_weight
         if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w <= 1.0:
-            raise bad("distill_truth_weight", "must be a number in [0, 1]")
+            raise bad("distill_truth_weight", "must be a number in [0, 1)")
+        if w == 1:
+            raise bad("distill_truth_weight", "1 fits the truth alone: use distill_target=truth (no teacher needed)")
         if w and (self.distill_target != "teacher" or not self.distill_standardize):
             raise bad("distill_truth_weight", "mixes the truth into the teacher's z-scored candidate-level target: "
                                               "needs distill_target=teacher and distill_standardize=true")
@@ -834,10 +837,10 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                     target = torch.as_tensor(cands.target_pos[rows], device=accelerator.device)
                     scores = wrapped(prompts, titles)  # [b, C] whole-title log-likelihoods
                     loss = ranking_loss(scores, target)
-                    if kd:  # the teacher's softmax over the same candidates as soft labels
-                        t_scores = term_targets(teacher, [examples[i].history for i in rows], cands.items[rows],
-                                                cands.targets[rows], cfg)
-                        kd_loss = candidate_distill_loss(scores, t_scores, cfg)
+                    if kd:  # the teacher's softmax (or the truth's, or their mix) over the same candidates
+                        soft = term_targets(teacher, [examples[i].history for i in rows], cands.items[rows],
+                                            cands.targets[rows], cfg)
+                        kd_loss = candidate_distill_loss(scores, soft, cfg)
                         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd_loss
                         kd_sum += float(kd_loss.detach())
                     seen += len(rows)

@@ -459,8 +459,8 @@ def zscore(scores: torch.Tensor) -> torch.Tensor:
 
 
 def soft_targets(logits: torch.Tensor, temperature: float = 1.0, standardize: bool = False) -> torch.Tensor:
-    """A teacher's [B, C] candidate logits as the soft labels of `ranking_loss`: the softmax of each row over
-    ``temperature``, of the z-scored row with ``standardize``."""
+    """[B, C] candidate logits (a teacher's, or a 0/1 row on the true item) as the soft labels of `ranking_loss`:
+    the softmax of each row over ``temperature``, of the z-scored row with ``standardize``."""
     return torch.softmax((zscore(logits) if standardize else logits) / temperature, dim=-1)
 
 
