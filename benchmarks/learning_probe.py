@@ -167,7 +167,7 @@ def main() -> None:
         backbone = load_adapter(backbone, work / ADAPTER_DIR)
     else:
         tmodel = None
-        if cfg.distill_weight > 0 and cfg.distill_target == "teacher":
+        if cfg.needs_teacher:
             from delrec.teachers import SeqRecommender
 
             tmodel = SeqRecommender.from_pretrained(

@@ -226,6 +226,11 @@ class FinetuneConfig:
         tfinal = self.tfinal if self.tfinal >= 0 else int(0.2 * self.max_steps)
         return tinit, tfinal
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether stage 2's loss consults the trained teacher (a truth-target term does not)."""
+        return self.distill_weight > 0 and self.distill_target == "teacher"
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["target_modules"] = list(self.target_modules) if not isinstance(self.target_modules, str) else \
@@ -677,7 +682,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                           f"verbalizer {scoring.verbalizer!r} on a {getattr(backbone, 'kind', '?')} model",
                           field="finetune.objective")
     kd = cfg.distill_weight > 0
-    if kd and teacher is None and cfg.distill_target == "teacher":
+    if cfg.needs_teacher and teacher is None:
         raise ConfigError(f"distill_weight {cfg.distill_weight} needs the trained teacher ({teacher_name})",
                           field="finetune.distill_weight")
     rank_kd = kd and sequence and cfg.distill_candidates > 0  # the teacher's term over candidate sets (below)
@@ -734,7 +739,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         "scoring": dataclasses.asdict(scoring),
         "backbone_params": sum(p.numel() for p in _base_model(model).parameters()),
     }
-    if kd and cfg.distill_target == "teacher":
+    if cfg.needs_teacher:
         fingerprint["teacher_model"] = _tensor_hash(teacher)
     ckpt_dir = out_dir / CHECKPOINT_DIR
     st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,

@@ -684,8 +684,7 @@ def finetune_stage(run: Run, backbone: Any, soft_prompt: Any, log: Callable[...,
         return load_adapter(backbone, adapter_dir(run.dir))
     t0 = time.perf_counter()
     teacher = None
-    ft = run.cfg.finetune
-    if ft.distill_weight > 0 and ft.distill_target == "teacher":  # the teacher's distribution is part of the loss
+    if run.cfg.finetune.needs_teacher:  # the teacher's distribution is part of stage 2's loss
         teacher = _distill_teacher(run)
     backbone = finetune(backbone, run.dataset, run.split, soft_prompt, TEACHER_NAMES[run.cfg.teachers.distill_from],
                         run.cfg.finetune, out, valid_candidates=run.candidates("valid"), log=log,
