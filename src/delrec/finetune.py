@@ -269,7 +269,8 @@ PAPER = FinetuneConfig()
 # on the validation users' last 3 items, at the same cost, HR@1 / NDCG@5 0.319 / 0.538 vs 0.262 / 0.501 with every
 # window (paired ΔNDCG@5 +0.037 [+0.007, +0.070]; learning_log W3 vs M1-ends; the last window alone: W1, 0.526).
 # On those windows lr 6e-3 ranks the validation ends as 3e-3 does (ΔNDCG@5 −0.000), 1.5e-3 lower (−0.044 [−0.070,
-# −0.021]) and rank 32 no better (−0.009): learning_log rows 62–64.
+# −0.021]) and rank 32 no better (−0.009); the same windows as 8 per update in 200 updates rank lower (−0.029
+# [−0.052, −0.006]): learning_log rows 62–65.
 CPU = FinetuneConfig(adapter="lora", init_r=8, target_r=8, lr=3e-3, warmup_steps=10, max_steps=400, batch_size=4,
                      grad_accum=1, eval_every=200, patience=0, history_len=10, objective="sequence",
                      windows_per_user=3, max_train_examples=0, max_valid_examples=64, eval_batch_size=4,
