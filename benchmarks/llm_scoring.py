@@ -15,6 +15,7 @@ benchmarks/results/llm_scoring.json and .md (or ``--out``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -55,6 +56,17 @@ def examples(n: int, history: int, cands: int, seed: int) -> tuple[list[str], li
     return prompts, rows
 
 
+def cpu_model() -> str:
+    """The CPU's model name and widest vector unit: hosts of one name differ ~2x in fp32 matmul (AVX-512 or not)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    return f"{name}, {'AVX-512' if 'avx512f' in info else 'AVX2' if 'avx2' in info else 'no AVX2'}"
+
+
 def timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
     walls, cpus = [], []
     for _ in range(repeats):
@@ -74,6 +86,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="examples per fast forward pass")
     ap.add_argument("--naive-examples", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lora-layers", default="0,15,10",
+                    help="stage 2's packed LoRA step (no soft prompt) adapting the last N blocks; 0 = every block")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
@@ -120,9 +134,33 @@ def main() -> None:
     open_t, packed_t = timed(open_step, args.repeats), timed(packed_step, args.repeats)
     per_pred = {"listed_candidates": per["fast_grad_backward"], "open_candidates": open_t["wall_s"] / args.batch,
                 "next_packed_window": packed_t["wall_s"] / (args.batch * args.history)}
+
+    # What the cpu profiles' stage 2 runs: the packed window, LoRA on q, v, no soft prompt; the blocks below the
+    # lowest adapted one need no backward pass (finetune.lora_layers).
+    from peft import get_peft_model
+
+    from delrec.finetune import CPU, peft_config
+
+    lora: dict[str, dict[str, float]] = {}
+    plain = [lsr_head("movie", "SASRec", soft_prompt=False)] * args.batch
+    for n in [int(x) for x in args.lora_layers.split(",") if x.strip()]:
+        lbb = Backbone.load(BackboneConfig(name_or_path=args.backbone))
+        lbb.model = get_peft_model(lbb.model, peft_config(lbb, dataclasses.replace(CPU, lora_layers=n)))
+        lscorer = ScoringConfig(verbalizer="next", reduce="sum").scorer(lbb, None)
+        lparams = [q for q in lbb.model.parameters() if q.requires_grad]
+
+        def lora_step(sc: TitleScorer = lscorer, ps: list[torch.nn.Parameter] = lparams) -> None:
+            for q in ps:
+                q.grad = None
+            (-sc.sequence_scores(plain, hists).mean()).backward()
+
+        lora_step()  # warm-up
+        t = timed(lora_step, args.repeats)
+        lora[str(n)] = {"s_per_prediction": t["wall_s"] / (args.batch * args.history),
+                        "cpu_per_wall": t["cpu_per_wall"]}
     result = {
         "backbone": args.backbone, "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.processor() or platform.machine(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "machine": cpu_model(),
         "history_titles": args.history, "candidates": args.candidates, "soft_tokens": args.soft_tokens,
         "batch": args.batch, "prompt_tokens_mean": float(np.mean(p_tokens)),
         "title_tokens_mean": float(np.mean(t_tokens)), "seconds_per_example": per,
@@ -132,10 +170,11 @@ def main() -> None:
         "max_abs_diff_fast_vs_naive": diff, "repeats": args.repeats, "naive_examples": args.naive_examples,
         "train_seconds_per_prediction": per_pred,
         "packed_speedup_over_listed": per_pred["listed_candidates"] / per_pred["next_packed_window"],
+        "lora_packed_by_layers": lora,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "llm_scoring.json", result)
-    md = [f"# Candidate scoring speed ({args.backbone}, {result['threads']} threads)", "",
+    md = [f"# Candidate scoring speed ({args.backbone}, {result['threads']} threads, {result['machine']})", "",
           f"{args.history} history titles, {args.candidates} candidates, {args.soft_tokens} soft tokens; prompt "
           f"≈{result['prompt_tokens_mean']:.0f} tokens, title ≈{result['title_tokens_mean']:.1f} tokens.", "",
           "| path | s / example | CPU/wall |", "|---|---|---|",
@@ -150,6 +189,14 @@ def main() -> None:
           f"| next, sequence (packed window of {args.history + 1} titles) | {per_pred['next_packed_window']:.3f} | "
           f"{packed_t['cpu_per_wall']} |", "",
           f"packed / listed = {result['packed_speedup_over_listed']:.1f}x more predictions per CPU-second", ""]
+    if lora:
+        every = lora.get("0", next(iter(lora.values())))["s_per_prediction"]
+        md += ["Stage 2 as the cpu profiles run it (packed window, LoRA r 8 on q, v, no soft prompt), adapting the "
+               "last N blocks (`finetune.lora_layers`; 0 = every block), same run:", "",
+               "| blocks adapted | s / prediction | vs every block | CPU/wall |", "|---|---|---|---|"]
+        md += [f"| {'every' if k == '0' else 'last ' + k} | {v['s_per_prediction']:.4f} | "
+               f"{every / v['s_per_prediction']:.2f}x | {v['cpu_per_wall']} |" for k, v in lora.items()]
+        md.append("")
     write_text(args.out / "llm_scoring.md", "\n".join(md))
     print("\n".join(md))
 

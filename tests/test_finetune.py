@@ -88,7 +88,7 @@ def test_cpu_profile_is_small_and_overridable() -> None:
     ("distill_temperature", 0.0), ("distill_candidates", -1), ("distill_candidates", True),
     # the paper profile: objective=candidates, no teacher term — both candidate-level options are refused there
     ("distill_candidates", 4), ("distill_standardize", True), ("distill_standardize", "yes"),
-    ("windows_per_user", -1), ("windows_per_user", 1.5),
+    ("windows_per_user", -1), ("windows_per_user", 1.5), ("lora_layers", -1), ("lora_layers", True),
     ("distill_target", "oracle"), ("distill_target", "truth"),  # truth: no candidate-level term in PAPER
     ("distill_truth_weight", 1.5), ("distill_truth_weight", -0.1), ("distill_truth_weight", "half"),
     ("distill_truth_weight", True), ("distill_truth_weight", float("nan")),
@@ -315,6 +315,31 @@ def test_ablation_switches(tmp_path: Path) -> None:
     assert any("lora_A" in n for n, _ in out.model.named_parameters())
     hist = read_json(tmp_path / "lora" / "history.json")
     assert hist["fingerprint"]["teacher"] == "GRU4Rec" and hist["fingerprint"]["soft_prompt"] is None
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the control: block 0's inputs need no grad
+def test_lora_layers_adapts_the_last_blocks_and_skips_backward_below_them(tmp_path: Path) -> None:
+    """lora_layers=1 on the 2-block tiny llama: adapters in block 1 only, and block 0 (frozen, under every trainable
+    weight) gets no backward pass — what makes an update cheaper. Every block (0) is the control."""
+    ds, split = _data()
+    fired: dict[int, int] = {}
+    for n_layers in (1, 0):
+        bb = tiny_backbone("llama", scale=5.0)
+        fired[n_layers] = 0
+        block0 = bb.model.model.layers[0]
+        block0.register_full_backward_hook(lambda *_, n=n_layers: fired.__setitem__(n, fired[n] + 1))
+        cfg = FinetuneConfig.from_profile("cpu", **{**TINY, "adapter": "lora", "max_steps": 2, "eval_every": 2,
+                                                    "lora_layers": n_layers})
+        out = finetune(bb, ds, split, None, "SASRec", cfg, tmp_path / f"l{n_layers}")
+        adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in out.model.named_parameters() if "lora_A" in n}
+        assert adapted == ({"1"} if n_layers else {"0", "1"})
+        saved = read_json(tmp_path / f"l{n_layers}" / "adapter" / "adapter_config.json")["layers_to_transform"]
+        assert saved == ([1] if n_layers else None)
+    assert fired[1] == 0 and fired[0] > 0
+    with pytest.raises(ConfigError) as err:  # more blocks than the backbone has
+        finetune(tiny_backbone("llama"), ds, split, None, "SASRec",
+                 FinetuneConfig.from_profile("cpu", **{**TINY, "adapter": "lora", "lora_layers": 3}), tmp_path / "x")
+    assert err.value.field == "finetune.lora_layers" and "2 blocks" in str(err.value)
 
 
 def test_cpu_long_profile_trains_longer_and_both_validate_on_64_users() -> None:

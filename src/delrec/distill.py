@@ -475,7 +475,7 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
                                   verbalizer=verb)
         train_sets["rps"] = _example_sets(ex_rps, cfg.seed)
     # rps_standardize: the LM's candidate scores are z-scored (and over the temperature) as the teacher's were
-    ztemp = {"rps": cfg.rps_temperature} if ranking_rps and cfg.rps_standardize else {}
+    zscored = {"rps"} if ranking_rps and cfg.rps_standardize else set()
     for name, (prompts, _, _) in tasks.items():
         if not prompts:
             raise DataError(f"no {name.upper()} training examples (TA needs sequences of >= {TA_MIN_LEN} items)",
@@ -521,7 +521,9 @@ def distill(backbone: Backbone, dataset: SeqDataset, split: Split, teacher_topk:
                 if name == "rps" and packed_rps:
                     losses[name], grads[name] = _sequence_grad(scorer, data, rows, cfg.micro_batch_size)
                 else:
-                    losses[name], grads[name] = _task_grad(scorer, data, rows, cfg.micro_batch_size, ztemp.get(name))
+                    z = name in zscored
+                    losses[name], grads[name] = _task_grad(scorer, data, rows, cfg.micro_batch_size,
+                                                           cfg.rps_temperature if z else 1.0, z)
             names = list(tasks)
             if len(names) == 1:
                 w = torch.ones(1)
@@ -616,11 +618,11 @@ def _batch_rows(n: int, batch: int, step: int, seed: int, task: str) -> np.ndarr
     return np.array([perms[int(e)][i] for e, i in zip(epochs, within, strict=True)], dtype=np.int64)
 
 
-def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int, ztemp: float | None = None
-               ) -> tuple[float, torch.Tensor]:
+def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int, temperature: float = 1.0,
+               standardize: bool = False) -> tuple[float, torch.Tensor]:
     """Mean cross-entropy of the target (a column, or a distribution over the candidates) over candidate scores for
     ``rows`` (`ranking_loss`), and its gradient w.r.t. the soft prompt (accumulated over micro-batches of ``micro``
-    examples). ``ztemp``: the scores are z-scored per row and over this temperature first (``rps_standardize``)."""
+    examples). ``temperature``/``standardize``: `ranking_loss`'s (``rps_temperature``/``rps_standardize``)."""
     prompts, cands, target = data
     weight = scorer.soft_prompt.weight  # type: ignore[union-attr]
     grad = torch.zeros_like(weight)
@@ -629,7 +631,7 @@ def _task_grad(scorer: TitleScorer, data: Rendered, rows: np.ndarray, micro: int
         r = rows[s:s + micro]
         scores = scorer.score([prompts[i] for i in r], [cands[i] for i in r])  # [m, C]
         y = torch.as_tensor(target[r])
-        loss = ranking_loss(scores, y, ztemp or 1.0, ztemp is not None, reduction="sum") / len(rows)
+        loss = ranking_loss(scores, y, temperature, standardize, reduction="sum") / len(rows)
         (g,) = torch.autograd.grad(loss, [weight])
         grad += g
         total += float(loss.detach())

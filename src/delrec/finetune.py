@@ -82,6 +82,10 @@ class FinetuneConfig:
     # 'auto': the architecture's attention query/value projections (T5 q,v; llama q_proj,v_proj; GPT-2 c_attn …),
     # or an explicit list of module names.
     target_modules: str | list[str] = "auto"
+    # Adapt only the last this-many transformer blocks (peft `layers_to_transform`); 0 = every block. The frozen
+    # blocks below the lowest adapted one then need no backward pass (nothing under them trains), so an update costs
+    # less: the budget buys more updates.
+    lora_layers: int = 0
     tinit: int = -1  # AdaLoRA steps before rank pruning starts; -1 = 10% of max_steps
     tfinal: int = -1  # AdaLoRA last steps with a frozen rank pattern; -1 = 20% of max_steps
     delta_t: int = 1  # AdaLoRA steps between two rank re-allocations (peft default 1)
@@ -153,7 +157,7 @@ class FinetuneConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "must be a positive integer")
         for name in ("warmup_steps", "patience", "max_train_examples", "max_valid_examples", "eval_batch_size",
-                     "windows_per_user"):
+                     "windows_per_user", "lora_layers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, "must be a non-negative integer")
@@ -330,13 +334,27 @@ def _task_type(backbone: Backbone) -> str:
     return "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM"
 
 
+def adapted_layers(backbone: Backbone, cfg: FinetuneConfig) -> list[int] | None:
+    """The block indices ``cfg.lora_layers`` adapts (the last ones), or None for every block."""
+    if not cfg.lora_layers:
+        return None
+    conf = backbone.model.config
+    n = getattr(conf, "num_hidden_layers", None) or getattr(conf, "num_layers", None)
+    if not isinstance(n, int):
+        raise ConfigError(f"{type(backbone.model).__name__} does not say how many blocks it has; use 0 (every block)",
+                          field="finetune.lora_layers")
+    if cfg.lora_layers > n:
+        raise ConfigError(f"the backbone has {n} blocks, got {cfg.lora_layers}", field="finetune.lora_layers")
+    return list(range(n - cfg.lora_layers, n))
+
+
 def peft_config(backbone: Backbone, cfg: FinetuneConfig) -> Any:
     """The `peft` config for ``cfg.adapter`` on this backbone (AdaLoRA's schedule laid out over max_steps)."""
     from peft import AdaLoraConfig, LoraConfig
 
     targets = resolve_target_modules(backbone.model, cfg.target_modules)
     common = dict(target_modules=targets, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                  task_type=_task_type(backbone), bias="none")
+                  task_type=_task_type(backbone), bias="none", layers_to_transform=adapted_layers(backbone, cfg))
     if cfg.adapter == "lora":
         return LoraConfig(r=cfg.target_r, **common)
     tinit, tfinal = cfg.schedule()
@@ -1001,6 +1019,7 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any], model: nn.Modu
         old["config"].setdefault("windows_per_user", 0)  # … and before windows_per_user
         old["config"].setdefault("distill_target", "teacher")  # … and before distill_target
         old["config"].setdefault("distill_truth_weight", 0.0)  # … and before distill_truth_weight
+        old["config"].setdefault("lora_layers", 0)  # … and before lora_layers
     if isinstance(old.get("scoring"), dict):  # … and from before scoring.prior_weight, which was 0 then
         old["scoring"].setdefault("prior_weight", 0.0)
     def flat(d: dict[str, Any]) -> dict[str, Any]:
