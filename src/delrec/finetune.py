@@ -274,7 +274,8 @@ PAPER = FinetuneConfig()
 # window (paired ΔNDCG@5 +0.037 [+0.007, +0.070]; learning_log W3 vs M1-ends; the last window alone: W1, 0.526).
 # On those windows lr 6e-3 ranks the validation ends as 3e-3 does (ΔNDCG@5 −0.000), 1.5e-3 lower (−0.044 [−0.070,
 # −0.021]) and rank 32 no better (−0.009); the same windows as 8 per update in 200 updates rank lower (−0.029
-# [−0.052, −0.006]): learning_log rows 62–65.
+# [−0.052, −0.006]): learning_log rows 62–65. Past 400 updates they plateau: 960 read NDCG@5 0.534 (row 66, ΔNDCG@5
+# −0.005 [−0.033, +0.023]).
 CPU = FinetuneConfig(adapter="lora", init_r=8, target_r=8, lr=3e-3, warmup_steps=10, max_steps=400, batch_size=4,
                      grad_accum=1, eval_every=200, patience=0, history_len=10, objective="sequence",
                      windows_per_user=3, max_train_examples=0, max_valid_examples=64, eval_batch_size=4,
@@ -284,8 +285,9 @@ CPU = FinetuneConfig(adapter="lora", init_r=8, target_r=8, lr=3e-3, warmup_steps
 # 1,200 / 1,600 and the test users 0.498 (cpu: 0.459; popularity 0.451) — still rising at the end of the budget.
 # 64 validation users cannot tell neighbouring checkpoints apart (NDCG@5 standard error ~0.04): the TALLRec-style
 # run picked update 1,200 (0.451 vs 0.431), yet its update 1,600 ranks the test users better (HR@1 0.273 vs 0.245).
-# Every window (windows_per_user 0): the committed quality rows measured it so, and 1,600 updates would cycle the
-# last-3 windows ~3 times (not measured).
+# Every window (windows_per_user 0): the committed quality rows measured it so. The last-3 windows gain nothing
+# from 960 updates over 400 on the validation ends (learning_log W3-960 vs W3: ΔNDCG@5 −0.005 [−0.033, +0.023]), yet
+# still lead every window at 960 (vs M2: +0.024 [−0.003, +0.052]); 1,600 updates on them were not measured.
 CPU_LONG = dataclasses.replace(CPU, max_steps=1600, eval_every=400, windows_per_user=0, profile="cpu-long")
 PROFILES: dict[str, FinetuneConfig] = {"paper": PAPER, "cpu": CPU, "cpu-long": CPU_LONG}
 
