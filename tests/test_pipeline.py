@@ -313,6 +313,20 @@ def test_resolved_config_from_before_windows_per_user_keeps_every_window(setup: 
     assert load_config(setup / "config.yaml").finetune.windows_per_user == 3
 
 
+def test_resolved_config_from_before_lora_layers_adapts_every_block(setup: Path, reference: Path,
+                                                                    tmp_path: Path) -> None:
+    """The same for finetune.lora_layers: a resolved config written before it adapted every block (0), not the cpu
+    profile's last 15."""
+    from delrec.pipeline import load_config
+
+    saved = yaml.safe_load((reference / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["finetune"]["lora_layers"] == 15  # written out now
+    del saved["finetune"]["lora_layers"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    assert load_config(tmp_path / "config.yaml").finetune.lora_layers == 0
+    assert load_config(setup / "config.yaml").finetune.lora_layers == 15
+
+
 def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) -> None:
     from delrec.pipeline import load_config
 

@@ -219,8 +219,8 @@ def _migrate(merged: dict[str, Any]) -> dict[str, Any]:
     ``scoring.reduce`` (mean | sum; the evaluation's value is the one the old run's test metrics used), and those
     versions listed the candidates (``scoring.verbalizer=title``) where the cpu profiles now use ``next``; configs
     resolved before the packed forms existed keep one example per prompt (``objective``/``rps_form`` candidates),
-    and those resolved before ``finetune.windows_per_user`` trained on every window (0), whatever the profile
-    says now."""
+    and those resolved before ``finetune.windows_per_user`` trained on every window (0) — and before
+    ``finetune.lora_layers`` adapted every block (0) — whatever the profile says now."""
     # A resolved config.yaml (every field written) from before the packed forms trained one example per prompt.
     # Recognised by every section being written out (a hand-written config names a few), so a user's own config
     # without these keys still gets the profile's values.
@@ -230,6 +230,8 @@ def _migrate(merged: dict[str, Any]) -> dict[str, Any]:
         merged = deep_merge(merged, {"finetune": {"objective": "candidates"}})
     if resolved and isinstance(fin, dict) and "windows_per_user" not in fin:  # before it: every window trained
         merged = deep_merge(merged, {"finetune": {"windows_per_user": 0}})
+    if resolved and isinstance(fin, dict) and "lora_layers" not in fin:  # before it: every block adapted
+        merged = deep_merge(merged, {"finetune": {"lora_layers": 0}})
     if resolved and isinstance(dis, dict) and "rps_form" not in dis:
         merged = deep_merge(merged, {"distill": {"rps_form": "candidates"}})
     scoring = merged.get("scoring")
