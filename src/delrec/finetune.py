@@ -275,7 +275,9 @@ PAPER = FinetuneConfig()
 # On those windows lr 6e-3 ranks the validation ends as 3e-3 does (ΔNDCG@5 −0.000), 1.5e-3 lower (−0.044 [−0.070,
 # −0.021]) and rank 32 no better (−0.009); the same windows as 8 per update in 200 updates rank lower (−0.029
 # [−0.052, −0.006]): learning_log rows 62–65. Past 400 updates they plateau: 960 read NDCG@5 0.534 (row 66, ΔNDCG@5
-# −0.005 [−0.033, +0.023]).
+# −0.005 [−0.033, +0.023]). LoRA on the last 15 of SmolLM2's 30 blocks spares the backward pass below them — 1,191 s
+# instead of ~1,540 s for the 400 updates — and ranks the ends as every block does (row 67: ΔNDCG@5 −0.006 [−0.033,
+# +0.019]); on a backbone with fewer blocks it adapts all of them.
 CPU = FinetuneConfig(adapter="lora", init_r=8, target_r=8, lr=3e-3, warmup_steps=10, max_steps=400, batch_size=4,
                      grad_accum=1, eval_every=200, patience=0, history_len=10, objective="sequence",
                      windows_per_user=3, lora_layers=15, max_train_examples=0, max_valid_examples=64,
