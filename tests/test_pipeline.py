@@ -298,33 +298,21 @@ def test_chosen_prior_weight_reads_the_final_models_choice(tmp_path: Path) -> No
     assert chosen_prior_weight(tmp_path) == 1.0
 
 
-def test_resolved_config_from_before_windows_per_user_keeps_every_window(setup: Path, reference: Path,
-                                                                         tmp_path: Path) -> None:
-    """A run folder's resolved config.yaml written before finetune.windows_per_user trained on every window: it reads
-    back as 0, not as the cpu profile's 3, so a rerun or --reuse does not take that stage 2 for a last-windows one; a
-    hand-written config that does not name the key still gets the profile's value."""
+@pytest.mark.parametrize(("key", "now", "before"), [("windows_per_user", 3, 0), ("lora_layers", 15, 0)])
+def test_resolved_config_from_before_a_stage2_key_keeps_what_it_trained(setup: Path, reference: Path, tmp_path: Path,
+                                                                       key: str, now: int, before: int) -> None:
+    """A run folder's resolved config.yaml written before finetune.windows_per_user (every window trained) or
+    finetune.lora_layers (every block adapted): it reads back as what it trained (0), not as the cpu profile's value,
+    so a rerun or --reuse does not take that stage 2 for another one; a hand-written config that does not name the
+    key still gets the profile's value."""
     from delrec.pipeline import load_config
 
     saved = yaml.safe_load((reference / "config.yaml").read_text(encoding="utf-8"))
-    assert saved["finetune"]["windows_per_user"] == 3  # written out now
-    del saved["finetune"]["windows_per_user"]
+    assert saved["finetune"][key] == now  # written out now
+    del saved["finetune"][key]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
-    assert load_config(tmp_path / "config.yaml").finetune.windows_per_user == 0
-    assert load_config(setup / "config.yaml").finetune.windows_per_user == 3
-
-
-def test_resolved_config_from_before_lora_layers_adapts_every_block(setup: Path, reference: Path,
-                                                                    tmp_path: Path) -> None:
-    """The same for finetune.lora_layers: a resolved config written before it adapted every block (0), not the cpu
-    profile's last 15."""
-    from delrec.pipeline import load_config
-
-    saved = yaml.safe_load((reference / "config.yaml").read_text(encoding="utf-8"))
-    assert saved["finetune"]["lora_layers"] == 15  # written out now
-    del saved["finetune"]["lora_layers"]
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
-    assert load_config(tmp_path / "config.yaml").finetune.lora_layers == 0
-    assert load_config(setup / "config.yaml").finetune.lora_layers == 15
+    assert getattr(load_config(tmp_path / "config.yaml").finetune, key) == before
+    assert getattr(load_config(setup / "config.yaml").finetune, key) == now
 
 
 def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) -> None:
