@@ -105,10 +105,13 @@ def main() -> None:
     ds, split = run.dataset, run.split
     ft: dict[str, Any] = {"max_valid_examples": 8}
     sc: dict[str, Any] = {}
+    bb: dict[str, Any] = {}
     for text in args.overrides:
         key, value = parse_override(text)
         section, _, field = key.partition(".")
-        {"finetune": ft, "scoring": sc}[section][field] = value
+        if section not in ("finetune", "scoring", "backbone"):
+            sys.exit(f"--set {text}: only finetune.*, scoring.* and backbone.* apply to a stage-2 probe")
+        {"finetune": ft, "scoring": sc, "backbone": bb}[section][field] = value
     ft.setdefault("eval_every", 10**6)  # the probe's own validation below is the measurement
     cfg = FinetuneConfig.from_profile("cpu", **ft)
     # the cpu profile's, then --set; uncalibrated unless a fixed λ is set: the probe reports its rows as they rank,
@@ -129,7 +132,9 @@ def main() -> None:
         from delrec.llm.soft_prompt import SoftPrompt
 
         soft = SoftPrompt.from_pretrained(soft_prompt_dir(args.soft_prompt))
-    backbone = Backbone.load(run.cfg.backbone)
+    # another backbone on the same rows (e.g. backbone.name_or_path=gemma3-270m): --base's data and split only
+    backbone_cfg = dataclasses.replace(run.cfg.backbone, **bb).validate()
+    backbone = Backbone.load(backbone_cfg)
 
     def rank() -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
@@ -183,7 +188,7 @@ def main() -> None:
                s_per_example=round(hist_file["seconds"] / max(seen, 1), 3),
                loss_first=hist_file["history"][0]["loss"], loss_last=hist_file["history"][-1]["loss"],
                config={"finetune": hist_file["config"] if args.eval_only is not None else dataclasses.asdict(cfg),
-                       "scoring": dataclasses.asdict(scoring)})
+                       "scoring": dataclasses.asdict(scoring), "backbone": dataclasses.asdict(backbone_cfg)})
     out["valid"], out["valid_s"] = rank()
     print(json.dumps(out["valid"]), flush=True)
     _append(out, args.against)

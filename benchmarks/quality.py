@@ -98,6 +98,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "w3-untrained": (["distill.max_steps=0"], "DELRec, last 3 windows, untrained soft prompt, prior weight auto"),
     "w3-no-ta": (["distill.tasks=[rps]"], "DELRec w/o TA, last 3 windows, prior weight auto"),
     "w3-no-rps": (["distill.tasks=[ta]"], "DELRec w/o RPS, last 3 windows, prior weight auto"),
+    "l15-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, last 3 windows, last 15 blocks, prior weight auto"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
 VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
@@ -112,15 +113,21 @@ def _beauty() -> list[str]:
 # The rows measured before the cpu profiles chose λ on validation users (scoring.prior_weight=auto) keep their
 # uncalibrated scoring, so a part reruns (or resumes) as it was measured.
 _UNCALIBRATED = "scoring.prior_weight=0"
-_ML_USER = ["profile=cpu", _UNCALIBRATED]
+# … and the stage-2 settings the cpu profile has changed since: rows measured before it trained on the last 3 windows
+# of each sequence saw every window, and rows measured before lora_layers=15 adapted every block
+_EVERY_BLOCK = "finetune.lora_layers=0"
+_PRE_W3 = ["finetune.windows_per_user=0", _EVERY_BLOCK]
+_ML_USER = ["profile=cpu", _UNCALIBRATED, *_PRE_W3]
 _LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=null", _UNCALIBRATED]  # every ML-100K test user
-_LOO_CPU = ["profile=cpu", "split.kind=loo", "candidates.max_test=null", _UNCALIBRATED]
-# the cpu profile as it is now: stage 2 on each training sequence's last 3 windows, λ chosen on validation users
-_LOO_CPU_W3 = ["profile=cpu", "split.kind=loo", "candidates.max_test=null"]
+_LOO_CPU = ["profile=cpu", "split.kind=loo", "candidates.max_test=null", _UNCALIBRATED, *_PRE_W3]
+# the cpu profile of sessions 27–31: stage 2 on each training sequence's last 3 windows, λ chosen on validation users
+_LOO_CPU_W3 = ["profile=cpu", "split.kind=loo", "candidates.max_test=null", _EVERY_BLOCK]
+# the cpu profile as it is now: the same with LoRA on the last 15 blocks only (learning_log W3-L15)
+_LOO_CPU_L15 = ["profile=cpu", "split.kind=loo", "candidates.max_test=null"]
 _BEAUTY_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000", *_beauty(), _UNCALIBRATED]
 # Beauty titles are ~2x ML-100K's in tokens (~20 vs ~10), so each stage-2 update costs ~2x: the cpu-long base
 # (1,600 updates) alone would not fit a 2-hour part; the cpu profile's base and its TALLRec-style row each do.
-_BEAUTY_LOO_CPU = ["profile=cpu", *_BEAUTY_LOO[1:]]
+_BEAUTY_LOO_CPU = ["profile=cpu", *_BEAUTY_LOO[1:], *_PRE_W3]
 _BEAUTY_LOO_CPU_W8_PRIOR = [*_BEAUTY_LOO_CPU, *_WORDS8, "scoring.prior_weight=0.75"]
 _BEAUTY_LOO_CPU_W8_AUTO = [*_BEAUTY_LOO_CPU, *_WORDS8, "scoring.prior_weight=auto"]
 PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
@@ -137,6 +144,8 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-loo-cpu-w3-truth2": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-truth2"]),
     "ml-100k-loo-cpu-w3-untrained": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-untrained"]),
     "ml-100k-loo-cpu-w3-ablations": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-no-ta", "w3-no-rps"]),
+    "ml-100k-loo-cpu-l15": ("ml-100k-loo-cpu-l15", "ml-100k", _LOO_CPU_L15, []),
+    "ml-100k-loo-cpu-l15-tallrec": ("ml-100k-loo-cpu-l15", "ml-100k", _LOO_CPU_L15, ["l15-tallrec"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", _LOO, []),
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", _LOO, ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", _LOO, ["zero_shot"]),
@@ -165,6 +174,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
 }
 # a group whose base run is itself a variant of its profile names its DELRec row after that variant
 BASE_NAMES: dict[str, str] = {"ml-100k-loo-cpu-w3": "DELRec, last 3 windows, prior weight auto",
+                              "ml-100k-loo-cpu-l15": "DELRec, last 3 windows, last 15 blocks, prior weight auto",
                               "beauty-loo-cpu-w8-prior": "DELRec, titles ≤ 8 words, prior weight 0.75",
                               "beauty-loo-cpu-w8-auto": "DELRec, titles ≤ 8 words, prior weight auto"}
 
