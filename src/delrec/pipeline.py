@@ -214,6 +214,16 @@ RESOLVED_SECTIONS = ("data", "split", "candidates", "teachers", "backbone", "sof
                      "finetune", "evaluate")
 
 
+# A resolved config written before each of these keys existed ran with this value, whatever the profile says now.
+_BEFORE_KEY: dict[str, dict[str, Any]] = {
+    "finetune": {"objective": "candidates",  # one example per prompt, before the packed forms
+                 "windows_per_user": 0,  # every window trained
+                 "lora_layers": 0},  # every block adapted
+    "distill": {"rps_form": "candidates"},
+    "scoring": {"prior_weight": 0.0},  # no calibration
+}
+
+
 def _migrate(merged: dict[str, Any]) -> dict[str, Any]:
     """Read run folders written by older versions: ``{distill,finetune,evaluate}.length_norm`` became the single
     ``scoring.reduce`` (mean | sum; the evaluation's value is the one the old run's test metrics used), and those
@@ -221,22 +231,12 @@ def _migrate(merged: dict[str, Any]) -> dict[str, Any]:
     resolved before the packed forms existed keep one example per prompt (``objective``/``rps_form`` candidates),
     and those resolved before ``finetune.windows_per_user`` trained on every window (0) — and before
     ``finetune.lora_layers`` adapted every block (0) — whatever the profile says now."""
-    # A resolved config.yaml (every field written) from before the packed forms trained one example per prompt.
+    # A resolved config.yaml (every field written) lacking a key of _BEFORE_KEY ran with that key's old value.
     # Recognised by every section being written out (a hand-written config names a few), so a user's own config
     # without these keys still gets the profile's values.
-    fin, dis = merged.get("finetune"), merged.get("distill")
-    resolved = all(isinstance(merged.get(k), dict) for k in RESOLVED_SECTIONS)
-    if resolved and isinstance(fin, dict) and "objective" not in fin:
-        merged = deep_merge(merged, {"finetune": {"objective": "candidates"}})
-    if resolved and isinstance(fin, dict) and "windows_per_user" not in fin:  # before it: every window trained
-        merged = deep_merge(merged, {"finetune": {"windows_per_user": 0}})
-    if resolved and isinstance(fin, dict) and "lora_layers" not in fin:  # before it: every block adapted
-        merged = deep_merge(merged, {"finetune": {"lora_layers": 0}})
-    if resolved and isinstance(dis, dict) and "rps_form" not in dis:
-        merged = deep_merge(merged, {"distill": {"rps_form": "candidates"}})
-    scoring = merged.get("scoring")
-    if resolved and isinstance(scoring, dict) and "prior_weight" not in scoring:  # before the key: no calibration
-        merged = deep_merge(merged, {"scoring": {"prior_weight": 0.0}})
+    if all(isinstance(merged.get(k), dict) for k in RESOLVED_SECTIONS):
+        missing = {sec: {k: v for k, v in keys.items() if k not in merged[sec]} for sec, keys in _BEFORE_KEY.items()}
+        merged = deep_merge(merged, missing)
     old = {sec: merged[sec].pop("length_norm") for sec in ("distill", "finetune", "evaluate")
            if isinstance(merged.get(sec), dict) and "length_norm" in merged[sec]}
     if not old:
