@@ -15,7 +15,7 @@ Reports, on the run's frozen test candidates: the teacher, the LLM, both fusions
 per-user differences against the teacher and between the fusions (95% bootstrap CIs, sign test on HR@1), and the
 whole ``w`` grid on test for reading only (not used to choose). The LLM's test ranks are checked against the run's
 own ``results/DELRec.json`` before anything is fused. Writes ``benchmarks/results/fusion.json`` + ``.md`` (rows
-merged by run); candidate scores are cached under ``runs/fusion-cache/`` so a rerun costs no LLM time.
+merged by run); the LLM's candidate scores are cached under ``runs/fusion-cache/`` so a rerun costs no LLM time.
 """
 
 from __future__ import annotations
@@ -96,8 +96,13 @@ def _paired(ra: np.ndarray, rb: np.ndarray, a: str, b: str) -> dict[str, Any]:
 
 
 def _llm_scores(run_dir: Path, cands: CandidateSet, hist: list[np.ndarray], cache: Path) -> np.ndarray:
-    """The run's final LLM (backbone + soft prompt + adapter, its chosen λ) on ``cands``; cached by candidate hash."""
-    path = cache / f"llm-{cands.hash()}.npy"
+    """The run's final LLM (backbone + soft prompt + adapter, its chosen λ) on ``cands``; cached by the candidates'
+    hash and the digest of the run's trained weights, so a rerun of the run's stages is never read from a stale file."""
+    digest = hashlib.sha1()
+    for f in (soft_prompt_dir(run_dir) / "soft_prompt.safetensors", adapter_dir(run_dir) / "adapter_model.safetensors",
+              run_dir / "results" / "DELRec.json"):
+        digest.update(f.read_bytes() if f.is_file() else b"-")
+    path = cache / f"llm-{cands.hash()}-{digest.hexdigest()[:12]}.npy"
     if path.is_file():
         return np.load(path)
     from delrec.evaluate import evaluate_llm
@@ -163,12 +168,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished `delrec run` folder (with a DELRec row)")
-    ap.add_argument("--teacher", default=None, help="teacher to fuse with (default: the run's distill_from)")
+    ap.add_argument("--teacher", default=None, choices=sorted(TEACHER_NAMES),
+                    help="teacher to fuse with (default: the run's distill_from)")
     ap.add_argument("--valid-users", type=int, default=300, help="validation rows w is chosen on")
     ap.add_argument("--out", type=Path, default=RESULTS / "fusion")
     args = ap.parse_args()
 
-    from delrec.pipeline import _trained_teacher
+    from delrec.teachers import SeqRecommender
     from delrec.teachers import score_candidates as teacher_scores
 
     run_dir = args.run.resolve()
@@ -191,10 +197,10 @@ def main() -> None:
     parts = {"valid": (valid, histories_for(valid, split.examples("valid"))),
              "test": (test, histories_for(test, split.examples("test")))}
 
-    class _RunView:  # what `_trained_teacher` reads of a run
-        dir = run_dir
-
-    model = _trained_teacher(_RunView(), teacher)  # type: ignore[arg-type]
+    model_dir = run_dir / "teachers" / teacher / "model"
+    if not (model_dir / "config.json").is_file():
+        sys.exit(f"{model_dir}: no trained {TEACHER_NAMES[teacher]} in this run")
+    model = SeqRecommender.from_pretrained(model_dir, device="cpu")
     scores: dict[str, dict[str, np.ndarray]] = {}
     for part, (cands, hist) in parts.items():
         scores[part] = {"teacher": teacher_scores(model, hist, cands.items),
