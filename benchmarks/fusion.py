@@ -95,6 +95,20 @@ def _paired(ra: np.ndarray, rb: np.ndarray, a: str, b: str) -> dict[str, Any]:
             "HR@1_wins_losses": [int((ha > hb).sum()), int((ha < hb).sum())]}
 
 
+def by_popularity(ranks: dict[str, np.ndarray], counts: np.ndarray, groups: int = 5) -> list[dict[str, Any]]:
+    """Each model's HR@1 and NDCG@5 within ``groups`` equal-size groups of test rows, ordered by their target's
+    training count (coldest first): where, if anywhere, does the LLM's knowledge of titles beat the teacher's ids?"""
+    order = np.argsort(counts, kind="stable")
+    out = []
+    for g, rows in enumerate(np.array_split(order, groups)):
+        c = counts[rows]
+        out.append({"group": g + 1, "n": len(rows), "count_range": [int(c.min()), int(c.max())],
+                    **{m: {"HR@1": round(float((r[rows] == 1).mean()), 4),
+                           "NDCG@5": round(float(np.where(r[rows] <= 5, 1 / np.log2(r[rows] + 1), 0).mean()), 4)}
+                       for m, r in ranks.items()}})
+    return out
+
+
 def _llm_scores(run_dir: Path, cands: CandidateSet, hist: list[np.ndarray], cache: Path) -> np.ndarray:
     """The run's final LLM (backbone + soft prompt + adapter, its chosen λ) on ``cands``; cached by the candidates'
     hash and the digest of the run's trained weights, so a rerun of the run's stages is never read from a stale file."""
@@ -161,6 +175,15 @@ def table(rows: list[dict[str, Any]]) -> str:
                 "| w | " + " | ".join(f"{w:g}" for w in GRID) + " |", "|---" * (len(GRID) + 1) + "|"]
         for name, grid in r["grids"].items():
             out.append(f"| {name} | " + " | ".join(f"{grid[f'{w:g}']:.3f}" for w in GRID) + " |")
+        if r.get("by_popularity"):
+            models = [k for k in r["by_popularity"][0] if k not in ("group", "n", "count_range")]
+            out += ["", "HR@1 / NDCG@5 by the test target's training count (equal-size groups of test rows, coldest "
+                    "first):", "", "| group | n | target count | " + " | ".join(models) + " |",
+                    "|---|---|---|" + "---|" * len(models)]
+            for b in r["by_popularity"]:
+                lo, hi = b["count_range"]
+                out.append(f"| {b['group']} | {b['n']} | {lo}–{hi} | "
+                           + " | ".join(f"{b[m]['HR@1']:.3f} / {b[m]['NDCG@5']:.3f}" for m in models) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -249,7 +272,10 @@ def main() -> None:
                      _paired(ranks[p_fused], ranks[tname], p_fused, tname),
                      _paired(ranks[d_fused], ranks[p_fused], d_fused, p_fused),
                      _paired(ranks[three], ranks[p_fused], three, p_fused)],
-           "grids": grids}
+           "grids": grids,
+           "by_popularity": by_popularity({k: ranks[k] for k in (tname, "DELRec", "popularity", d_fused)},
+                                          np.bincount(np.concatenate(split.train_sequences),
+                                                      minlength=dataset.n_items + 1)[test.targets])}
     json_path = args.out.with_suffix(".json")
     old = read_json(json_path)["rows"] if json_path.is_file() else []
     merged = [r for r in old if r["run"] != row["run"]] + [row]
