@@ -239,13 +239,14 @@ def main() -> None:
         sys.exit("the rescored LLM does not reproduce the run's test ranks; not fusing")
 
     tname = TEACHER_NAMES[teacher]
+    llm = "DELRec" if soft_prompt_dir(run_dir).is_dir() else "TALLRec-style"  # a run without a soft prompt
     ranks: dict[str, np.ndarray] = {tname: ranks_from_scores(scores["test"]["teacher"], test.target_pos),
-                                    "DELRec": mine,
+                                    llm: mine,
                                     "popularity": ranks_from_scores(scores["test"]["popularity"], test.target_pos)}
     chosen: dict[str, float | str] = {}
     grids: dict[str, dict[str, float]] = {}
     for a in ("LLM", "popularity"):
-        name = f"{'DELRec' if a == 'LLM' else 'popularity'} + {tname}"
+        name = f"{llm if a == 'LLM' else 'popularity'} + {tname}"
         w, vt = choose_w(scores["valid"][a], scores["valid"]["teacher"], valid.target_pos)
         _, tt = choose_w(scores["test"][a], scores["test"]["teacher"], test.target_pos)
         chosen[name] = w
@@ -255,7 +256,7 @@ def main() -> None:
         print(f"{name}: w {w:g} (validation NDCG@5 {vt[w]:.4f})", flush=True)
 
     # all three: does the LLM add to the teacher anything popularity does not?
-    three = f"DELRec + popularity + {tname}"
+    three = f"{llm} + popularity + {tname}"
     keys = ("LLM", "popularity", "teacher")
     ws = choose_mix([scores["valid"][k] for k in keys], valid.target_pos)
     chosen[three] = " / ".join(f"{w:g}" for w in ws)
@@ -263,7 +264,7 @@ def main() -> None:
                                      test.target_pos)
     print(f"{three}: w {chosen[three]}", flush=True)
 
-    d_fused, p_fused = f"DELRec + {tname}", f"popularity + {tname}"
+    d_fused, p_fused = f"{llm} + {tname}", f"popularity + {tname}"
     row = {"run": os.path.relpath(run_dir, ROOT), "teacher": tname, "n_valid": len(valid), "n_test": len(test),
            "valid_hash": valid.hash(), "candidates_hash": test.hash(),
            "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -273,7 +274,7 @@ def main() -> None:
                      _paired(ranks[d_fused], ranks[p_fused], d_fused, p_fused),
                      _paired(ranks[three], ranks[p_fused], three, p_fused)],
            "grids": grids,
-           "by_popularity": by_popularity({k: ranks[k] for k in (tname, "DELRec", "popularity", d_fused)},
+           "by_popularity": by_popularity({k: ranks[k] for k in (tname, llm, "popularity", d_fused)},
                                           np.bincount(np.concatenate(split.train_sequences),
                                                       minlength=dataset.n_items + 1)[test.targets])}
     json_path = args.out.with_suffix(".json")
