@@ -40,7 +40,7 @@ from delrec.metrics import ranks_from_scores, summarize
 from delrec.pipeline import TEACHER_NAMES, adapter_dir, chosen_prior_weight, load_config, soft_prompt_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import bootstrap_diff, sign_test  # benchmarks/quality.py, a sibling script
+from quality import paired_ranks  # benchmarks/quality.py, a sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,9 +54,14 @@ def zscore(scores: np.ndarray) -> np.ndarray:
     return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
+def mix(parts: list[np.ndarray], weights: tuple[float, ...]) -> np.ndarray:
+    """``Σ wᵢ·z(partᵢ)``: the z-scored parts, weighted."""
+    return sum((w * zscore(p) for w, p in zip(weights, parts, strict=True)), np.zeros(np.shape(parts[0])))
+
+
 def fuse(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
     """``(1 − w)·z(a) + w·z(b)``: w = 0 is ``a`` alone, w = 1 is ``b`` alone."""
-    return (1.0 - w) * zscore(a) + w * zscore(b)
+    return mix([a, b], (1.0 - w, w))
 
 
 def choose_w(a: np.ndarray, b: np.ndarray, target_pos: np.ndarray, metric: str = "NDCG@5"
@@ -69,14 +74,12 @@ def choose_w(a: np.ndarray, b: np.ndarray, target_pos: np.ndarray, metric: str =
 
 def choose_mix(parts: list[np.ndarray], target_pos: np.ndarray, metric: str = "NDCG@5") -> tuple[float, ...]:
     """Weights on the 0.1 simplex for z-scored ``parts`` with the best ``metric`` on these rows (first on ties)."""
-    z = [zscore(p) for p in parts]
     best, best_w = -1.0, (0.0,) * len(parts)
     for w in itertools.product(range(11), repeat=len(parts) - 1):
         if sum(w) > 10:
             continue
         ws = (*(x / 10 for x in w), (10 - sum(w)) / 10)
-        v = float(summarize(ranks_from_scores(sum(wi * zi for wi, zi in zip(ws, z, strict=True)),
-                                              target_pos))[metric]["value"])
+        v = float(summarize(ranks_from_scores(mix(parts, ws), target_pos))[metric]["value"])
         if v > best:
             best, best_w = v, ws
     return best_w
@@ -86,13 +89,6 @@ def _metrics(ranks: np.ndarray) -> dict[str, Any]:
     m = summarize(ranks)
     return {**{k: round(m[k]["value"], 4) for k in ("HR@1", "HR@5", "NDCG@5")},
             "ci": {k: [round(m[k]["lo"], 4), round(m[k]["hi"], 4)] for k in ("HR@1", "NDCG@5")}}
-
-
-def _paired(ra: np.ndarray, rb: np.ndarray, a: str, b: str) -> dict[str, Any]:
-    ha, hb = (ra == 1).astype(float), (rb == 1).astype(float)
-    return {"a": a, "b": b, "n": len(ra), "diff_a_minus_b": bootstrap_diff(ra, rb),
-            "sign_test_HR@1_p": float(f"{sign_test(ha, hb):.3g}"),
-            "HR@1_wins_losses": [int((ha > hb).sum()), int((ha < hb).sum())]}
 
 
 def by_popularity(ranks: dict[str, np.ndarray], counts: np.ndarray, groups: int = 5) -> list[dict[str, Any]]:
@@ -260,8 +256,7 @@ def main() -> None:
     keys = ("LLM", "popularity", "teacher")
     ws = choose_mix([scores["valid"][k] for k in keys], valid.target_pos)
     chosen[three] = " / ".join(f"{w:g}" for w in ws)
-    ranks[three] = ranks_from_scores(sum(w * zscore(scores["test"][k]) for w, k in zip(ws, keys, strict=True)),
-                                     test.target_pos)
+    ranks[three] = ranks_from_scores(mix([scores["test"][k] for k in keys], ws), test.target_pos)
     print(f"{three}: w {chosen[three]}", flush=True)
 
     d_fused, p_fused = f"{llm} + {tname}", f"popularity + {tname}"
@@ -269,14 +264,13 @@ def main() -> None:
            "valid_hash": valid.hash(), "candidates_hash": test.hash(),
            "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "test": [{"model": k, "w": chosen.get(k), **_metrics(v)} for k, v in ranks.items()],
-           "tests": [_paired(ranks[d_fused], ranks[tname], d_fused, tname),
-                     _paired(ranks[p_fused], ranks[tname], p_fused, tname),
-                     _paired(ranks[d_fused], ranks[p_fused], d_fused, p_fused),
-                     _paired(ranks[three], ranks[p_fused], three, p_fused)],
+           "tests": [paired_ranks(ranks[d_fused], ranks[tname], d_fused, tname),
+                     paired_ranks(ranks[p_fused], ranks[tname], p_fused, tname),
+                     paired_ranks(ranks[d_fused], ranks[p_fused], d_fused, p_fused),
+                     paired_ranks(ranks[three], ranks[p_fused], three, p_fused)],
            "grids": grids,
            "by_popularity": by_popularity({k: ranks[k] for k in (tname, llm, "popularity", d_fused)},
-                                          np.bincount(np.concatenate(split.train_sequences),
-                                                      minlength=dataset.n_items + 1)[test.targets])}
+                                          popularity_scores(split.train_sequences, test.targets, dataset.n_items))}
     json_path = args.out.with_suffix(".json")
     old = read_json(json_path)["rows"] if json_path.is_file() else []
     merged = [r for r in old if r["run"] != row["run"]] + [row]

@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 
 from delrec.data import draw_candidates
+from delrec.evaluate import popularity_scores as train_counts
 from delrec.io import write_json, write_text
 from delrec.metrics import ranks_from_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learning_probe import end_examples, popularity_scores  # benchmarks/learning_probe.py, a sibling script
+from fusion import by_popularity  # benchmarks/fusion.py, a sibling script
+from learning_probe import end_examples, popularity_scores  # benchmarks/learning_probe.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,23 +47,19 @@ def main() -> None:
     run = Run(args.base, log=lambda s: None)
     vex = end_examples(run.split)
     vc = draw_candidates(vex, run.dataset, size=20, seed=7)  # the probe's own draw (learning_probe.main)
-    counts = np.bincount(np.concatenate(run.split.train_sequences), minlength=run.dataset.n_items + 1)[vc.targets]
-    groups = np.array_split(np.argsort(counts, kind="stable"), GROUPS)
-    ranges = [[int(counts[g].min()), int(counts[g].max())] for g in groups]
-
-    def per_group(ranks: np.ndarray) -> list[float]:
-        return [round(float((ranks[g] == 1).mean()), 4) for g in groups]
-
-    pop = ranks_from_scores(popularity_scores(run.split, vc.items), vc.target_pos)
-    rows: list[dict[str, Any]] = [{"name": "popularity", "note": "training counts", "HR@1": per_group(pop),
-                                   "all": round(float((pop == 1).mean()), 4)}]
+    counts = train_counts(run.split.train_sequences, vc.targets, run.dataset.n_items)  # no tie-break: stable order
+    ranks = {"popularity": ranks_from_scores(popularity_scores(run.split, vc.items), vc.target_pos)}
+    notes = {"popularity": "training counts"}
     for line in args.log.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
         if r.get("valid_candidates") != vc.hash() or "ranks" not in r:
             continue  # another row set (prefixes, another base) or a probe from before per-row ranks were kept
-        ranks = np.asarray(json.loads(r["ranks"]) if isinstance(r["ranks"], str) else r["ranks"])
-        rows.append({"name": r["name"], "note": r.get("note", ""), "HR@1": per_group(ranks),
-                     "all": round(float((ranks == 1).mean()), 4)})
+        ranks[r["name"]] = np.asarray(json.loads(r["ranks"]) if isinstance(r["ranks"], str) else r["ranks"])
+        notes[r["name"]] = r.get("note", "")
+    groups = by_popularity(ranks, counts, GROUPS)
+    ranges = [g["count_range"] for g in groups]
+    rows: list[dict[str, Any]] = [{"name": m, "note": notes[m], "HR@1": [g[m]["HR@1"] for g in groups],
+                                   "all": round(float((r == 1).mean()), 4)} for m, r in ranks.items()]
     if len(rows) == 1:
         sys.exit(f"no probe in {args.log} was ranked on these rows (candidates {vc.hash()}); wrong --base?")
     write_json(args.out.with_suffix(".json"), {"base": str(args.base), "valid_candidates": vc.hash(),

@@ -272,6 +272,12 @@ def paired(run_a: Path, model_a: str, name_a: str, run_b: Path, model_b: str, na
     ra, rb = _ranks(run_a, model_a), _ranks(run_b, model_b)
     if len(ra) != len(rb):
         raise SystemExit(f"{name_a} and {name_b} were ranked on different test sets ({len(ra)} vs {len(rb)})")
+    return paired_ranks(ra, rb, name_a, name_b, resamples, seed)
+
+
+def paired_ranks(ra: np.ndarray, rb: np.ndarray, name_a: str, name_b: str, resamples: int = 2000, seed: int = 0
+                 ) -> dict[str, Any]:
+    """`paired` on two models' target ranks of the same rows."""
     pa, pb = _per_user(ra), _per_user(rb)
     return {"a": name_a, "b": name_b, "n": len(ra), "diff_a_minus_b": bootstrap_diff(ra, rb, resamples, seed),
             "sign_test_HR@1_p": float(f"{sign_test(pa['HR@1'], pb['HR@1']):.3g}"),
