@@ -60,6 +60,25 @@ def end_examples(split: Any, k: int = 3, min_history: int = 5) -> list[Example]:
             for t in range(len(ex.history), len(ex.history) - k, -1) if t >= min_history]
 
 
+def donor_histories(examples: Sequence[Example], items: np.ndarray, history_len: int, seed: int = 0
+                    ) -> list[np.ndarray]:
+    """Each row's history replaced by another user's (a seeded donor among the rows) whose last ``history_len`` items
+    share none of the row's candidates: the control that asks whether a model reads the user's sequence at all.
+    The candidates stay the row's own (drawn outside its own sequence)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, ex in enumerate(examples):
+        cands = set(items[i].tolist())
+        for j in rng.permutation(len(examples)):
+            donor = examples[j]
+            if donor.user != ex.user and not cands & set(donor.history[-history_len:].tolist()):
+                out.append(donor.history)
+                break
+        else:
+            raise SystemExit(f"row {i}: no donor history without one of its candidates")
+    return out
+
+
 def popularity_scores(split: Any, items: np.ndarray) -> np.ndarray:
     counts = np.bincount(np.concatenate(split.train_sequences), minlength=split.dataset.n_items + 1)
     return counts[items].astype(np.float64) + 1e-6 * np.random.default_rng(0).random(items.shape)
@@ -92,6 +111,9 @@ def main() -> None:
     ap.add_argument("--against", action="append", default=[], metavar="NAME",
                     help="an earlier probe (ranked with per-row ranks, on the same rows) to compare this one with, "
                          "paired per row: mean difference with a 95%% bootstrap CI (repeatable)")
+    ap.add_argument("--histories", choices=("own", "donor"), default="own",
+                    help="donor: rank each row after another validation user's history (none of the row's "
+                         "candidates in its shown items) — does the model read the user's sequence at all?")
     ap.add_argument("--note", default="", help="a remark for the log (e.g. timing shared the CPU with another job)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "probes")
     args = ap.parse_args()
@@ -124,7 +146,7 @@ def main() -> None:
     hist = [e.history for e in vex]
     out: dict[str, Any] = {"name": args.name, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "overrides": args.overrides, "note": args.note, "n_valid": len(vc), "rows": args.rows,
-                           "valid_candidates": vc.hash()}
+                           "valid_candidates": vc.hash(), "histories": args.histories}
     out["popularity"] = _row("popularity", summarize(ranks_from_scores(popularity_scores(split, vc.items),
                                                                        vc.target_pos), ci=False))
     soft = None
@@ -139,7 +161,8 @@ def main() -> None:
     def rank() -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
         scorer = scoring.scorer(backbone, soft)
-        s = score_candidates(scorer, ds, vc, hist, ds.domain, teacher, cfg.history_len, 4,
+        shown = hist if args.histories == "own" else donor_histories(vex, vc.items, cfg.history_len)
+        s = score_candidates(scorer, ds, vc, shown, ds.domain, teacher, cfg.history_len, 4,
                              soft_prompt=soft is not None, year=scoring.year, verbalizer=scoring.verbalizer,
                              prior_weight=scoring.prior_weight)
         ranks = ranks_from_scores(s, vc.target_pos)
@@ -227,6 +250,8 @@ def write_table() -> None:
                 else ")")
         if r.get("eval_only"):
             note += f" (no training: the adapter of {Path(r['eval_only']).name})"
+        if r.get("histories") == "donor":
+            note += " (each row ranked after another validation user's history: --histories donor)"
         zs = r.get("zero_shot")
         if zs:
             note += f" (before training: NDCG@5 {zs['NDCG@5']})"

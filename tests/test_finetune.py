@@ -395,3 +395,67 @@ def test_sequence_objective_needs_the_next_verbalizer(tmp_path: Path) -> None:
     assert e.value.field == "finetune.objective"
     with pytest.raises(ConfigError):
         FinetuneConfig.from_profile("cpu", objective="pairs")
+
+
+def test_popularity_exponent_weights_each_prediction_by_its_targets_rarity(tmp_path: Path) -> None:
+    """popularity_exponent α: each training target's term weighted by (1 + training count)^−α, weights averaging 1
+    over what the loss predicts; the first update's logged loss is exactly that weighted NLL of its windows (the
+    adapter starts as the identity: LoRA's B is 0), and α 0 is the plain mean."""
+    from delrec.finetune import _EpochBatches, target_weights, train_windows
+    from delrec.llm.prompts import ScoringConfig, render_windows, title_views
+
+    ds, split = _data()
+    cfg = FinetuneConfig.from_profile("cpu", history_len=4, windows_per_user=0, max_steps=1, batch_size=4,
+                                      max_valid_examples=2, lora_dropout=0.0, popularity_exponent=1.0)
+    wins = train_windows(split, cfg)
+    w = target_weights(split, wins, cfg)
+    assert target_weights(split, wins, dataclasses.replace(cfg, popularity_exponent=0.0)) is None
+    counts = np.bincount(np.concatenate(split.train_sequences), minlength=ds.n_items + 1)
+    predicted = np.concatenate([x[1:] for x in wins])
+    assert w is not None and w[predicted].mean() == pytest.approx(1.0)
+    assert np.allclose(w * (1 + counts), w[1] * (1 + counts[1]))  # α 1: weight ∝ 1 / (1 + count)
+    rare, common = predicted[np.argmin(counts[predicted])], predicted[np.argmax(counts[predicted])]
+    assert counts[rare] < counts[common] and w[rare] > w[common]
+    with pytest.raises(ConfigError, match="non-negative"):
+        FinetuneConfig.from_profile("cpu", popularity_exponent=-0.5)
+
+    sc = ScoringConfig(verbalizer="next", reduce="sum")
+    first = next(iter(_EpochBatches(len(wins), cfg.batch_size, cfg.seed)))
+    prompts, items = render_windows(title_views(ds, sc.year), ds.domain, "SASRec", [wins[i] for i in first],
+                                    soft_prompt=False)
+    bb = tiny_backbone()
+    with torch.no_grad():
+        s = sc.scorer(bb, None).sequence_scores(prompts, items).numpy()
+    target = np.concatenate([wins[i][1:] for i in first])
+    for alpha, want in ((1.0, -(w[target] * s).sum() / len(s)), (0.0, -s.mean())):
+        run = dataclasses.replace(cfg, popularity_exponent=alpha)
+        finetune(tiny_backbone(), ds, split, None, "SASRec", run, tmp_path / f"a{alpha}", scoring=sc)
+        got = read_json(tmp_path / f"a{alpha}" / "history.json")["history"][0]["loss"]
+        assert got == pytest.approx(float(want), rel=1e-4)
+    assert abs(-(w[target] * s).sum() / len(s) + s.mean()) > 1e-3  # the two losses differ on this batch
+
+
+def test_popularity_exponent_weights_the_candidates_objective_too(tmp_path: Path) -> None:
+    """objective=candidates: the first update's loss is the mean over its examples of weight × cross-entropy of the
+    target over its candidates (the same weights, averaging 1 over the training examples' targets)."""
+    from delrec.finetune import _EpochBatches, epoch_sets, target_weights
+    from delrec.llm.prompts import ScoringConfig
+
+    ds, split = _data()
+    cfg = dataclasses.replace(FinetuneConfig(**TINY), adapter="lora", max_steps=1, lora_dropout=0.0,
+                              max_valid_examples=2, popularity_exponent=1.0).validate()
+    exs = train_examples(split, cfg)
+    w = target_weights(split, exs, cfg)
+    assert w is not None and w[[e.target for e in exs]].mean() == pytest.approx(1.0)
+    first = next(iter(_EpochBatches(len(exs), cfg.batch_size, cfg.seed)))
+    cs = epoch_sets(exs, ds, cfg, 0)
+    sc = ScoringConfig()
+    prompts, titles = lsr_inputs(ds, [exs[i].history for i in first], cs.items[first], "movie", "SASRec",
+                                 cfg.history_len, year=sc.year)
+    with torch.no_grad():
+        ce = F.cross_entropy(sc.scorer(tiny_backbone(), None).score(prompts, titles),
+                             torch.as_tensor(cs.target_pos[first]), reduction="none").numpy()
+    finetune(tiny_backbone(), ds, split, None, "SASRec", cfg, tmp_path / "ft", scoring=sc)
+    got = read_json(tmp_path / "ft" / "history.json")["history"][0]["loss"]
+    assert got == pytest.approx(float((w[cs.targets[first]] * ce).mean()), rel=1e-4)
+    assert abs(float((w[cs.targets[first]] * ce).mean() - ce.mean())) > 1e-4

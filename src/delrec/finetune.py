@@ -139,6 +139,11 @@ class FinetuneConfig:
     # truth corrects the teacher's misses; 0 = the teacher's softmax alone, 1 is distill_target=truth (refused here:
     # it would load the teacher for nothing). Needs distill_target=teacher and distill_standardize.
     distill_truth_weight: float = 0.0
+    # Each training next-item prediction's loss weighted by (1 + its item's training count)^−α, the weights scaled to
+    # mean 1 over the training targets: α > 0 moves the loss toward rare targets (inverse-propensity weighting;
+    # α 1 gives every item about the same total weight). Unweighted next-item training learns which titles are
+    # frequent targets first and ranks the rarest fifth of targets below chance (probe_popularity.py); 0 = off.
+    popularity_exponent: float = 0.0
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
     profile: str = "paper"  # the preset these values started from (recorded only)
@@ -169,7 +174,8 @@ class FinetuneConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
                 raise bad(name, "must be a positive number")
-        for name in ("weight_decay", "grad_clip", "orth_reg_weight", "distill_weight", "distill_temperature"):
+        for name in ("weight_decay", "grad_clip", "orth_reg_weight", "distill_weight", "distill_temperature",
+                     "popularity_exponent"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a non-negative number")
@@ -442,6 +448,24 @@ def train_examples(split: Split, cfg: FinetuneConfig) -> list[Example]:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(exs), cfg.max_train_examples, replace=False))
         exs = [exs[i] for i in keep]
     return exs
+
+
+def target_weights(split: Split, examples: Sequence[Any], cfg: FinetuneConfig) -> np.ndarray | None:
+    """[n_items + 1] loss weight of each item as a training target, (1 + training count)^−α scaled so the training
+    predictions' weights average 1 (the loss keeps its scale, so the learning rate keeps its meaning); None at α 0.
+
+    Counts come from the training sequences only; the mean runs over what the loss predicts — every window item
+    after the first (objective sequence) or each example's next item (objective candidates)."""
+    if not cfg.popularity_exponent:
+        return None
+    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in split.train_sequences]),
+                         minlength=split.dataset.n_items + 1)
+    raw = (1.0 + counts) ** -float(cfg.popularity_exponent)
+    if cfg.objective == "sequence":
+        predicted = np.concatenate([np.asarray(w[1:], dtype=np.int64) for w in examples])
+    else:
+        predicted = np.asarray([e.target for e in examples], dtype=np.int64)
+    return raw / raw[predicted].mean()
 
 
 def window_targets(teacher: SeqRecommender, trie: TitleTrie, windows: Sequence[np.ndarray],
@@ -728,6 +752,8 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                           field="finetune.batch_size")
     valid, valid_hist = _valid_rows(split, dataset, cfg, valid_candidates)
     domain = dataset.domain
+    weights = target_weights(split, examples, cfg)
+    weight_t = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=accelerator.device)
 
     if soft_prompt is not None:
         soft_prompt.freeze()
@@ -847,6 +873,9 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                         # in length.
                         n_items = torch.tensor(item_scores.numel(), device=accelerator.device)
                         n_global = accelerator.reduce(n_items, "sum") if world > 1 else n_items
+                        if weight_t is not None:  # the window items' weights, in item_scores' order
+                            scored = torch.as_tensor(np.concatenate([w[1:] for w in windows]), device=weight_t.device)
+                            item_scores = item_scores * weight_t[scored]
                         nll = -item_scores.sum() * world / n_global
                         loss = nll
                         if item_kd is not None:
@@ -868,7 +897,11 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
                                                  verbalizer=scoring.verbalizer)
                     target = torch.as_tensor(cands.target_pos[rows], device=accelerator.device)
                     scores = wrapped(prompts, titles)  # [b, C] whole-title log-likelihoods
-                    loss = ranking_loss(scores, target)
+                    if weight_t is None:
+                        loss = ranking_loss(scores, target)
+                    else:
+                        w = weight_t[torch.as_tensor(cands.targets[rows], device=weight_t.device)]
+                        loss = (ranking_loss(scores, target, reduction="none") * w).mean()
                     if kd:  # the teacher's softmax (or the truth's, or their mix) over the same candidates
                         soft = term_targets(teacher, [examples[i].history for i in rows], cands.items[rows],
                                             cands.targets[rows], cfg)
