@@ -459,3 +459,31 @@ def test_popularity_exponent_weights_the_candidates_objective_too(tmp_path: Path
     got = read_json(tmp_path / "ft" / "history.json")["history"][0]["loss"]
     assert got == pytest.approx(float((w[cs.targets[first]] * ce).mean()), rel=1e-4)
     assert abs(float((w[cs.targets[first]] * ce).mean() - ce.mean())) > 1e-4
+
+
+def test_negative_exponent_draws_training_negatives_by_popularity(tmp_path: Path) -> None:
+    """negative_exponent β: the saved training candidate sets hold negatives drawn ∝ (1 + training count)^β (more
+    popular than uniform ones, still outside each user's sequence); evaluation sets are not touched; refused where
+    no training candidate set is drawn."""
+    import pandas as pd
+
+    from delrec.data.candidates import CandidateSet
+    from delrec.finetune import TRAIN_CANDIDATES_FILE
+
+    ds, split = _data()
+    counts = np.bincount(np.concatenate(split.train_sequences), minlength=ds.n_items + 1)
+    mean_count = {}
+    for beta in (0.0, 8.0):
+        cfg = dataclasses.replace(FinetuneConfig(**TINY), adapter="lora", max_steps=4, max_valid_examples=2,
+                                  negative_exponent=beta).validate()
+        out = tmp_path / f"b{beta}"
+        finetune(tiny_backbone(), ds, split, None, "SASRec", cfg, out)
+        cs = CandidateSet.load(out / TRAIN_CANDIDATES_FILE)
+        users = pd.read_parquet(out / TRAIN_CANDIDATES_FILE)["user"].to_numpy()
+        neg = cs.items != cs.targets[:, None]
+        assert all(set(row[m].tolist()).isdisjoint(ds.sequences[u].tolist())
+                   for row, m, u in zip(cs.items, neg, users, strict=True))
+        mean_count[beta] = counts[cs.items[neg]].mean()
+    assert mean_count[8.0] > 1.2 * mean_count[0.0]  # counts here are 1–8: a steep β shows it
+    with pytest.raises(ConfigError, match="needs objective=candidates or distill_candidates"):
+        FinetuneConfig.from_profile("cpu", negative_exponent=1.0)

@@ -115,6 +115,23 @@ def test_candidates_unique_no_history_target_once() -> None:
     assert np.array_equal(cs.items[np.arange(len(cs)), cs.target_pos], cs.targets)
 
 
+def test_weighted_negatives_follow_the_weights_and_keep_the_rules() -> None:
+    """weights (stage 2's popularity-drawn training negatives): heavy items are drawn far more often, still without
+    duplicates, history items or a second target; None keeps the uniform draw bit for bit."""
+    ds = make_ds()
+    exs = make_split(ds, "loo").examples("test")
+    w = np.ones(ds.n_items + 1)
+    w[1:11] = 1000.0  # items 1–10 carry ~93% of the weight
+    heavy = draw_candidates(exs, ds, size=20, seed=3, weights=w)
+    uniform = draw_candidates(exs, ds, size=20, seed=3)
+    for row, ex in zip(heavy.items, exs, strict=True):
+        assert len(set(row.tolist())) == 20 and (row == ex.target).sum() == 1
+        assert (set(row.tolist()) - {ex.target}).isdisjoint(ds.sequences[ex.user].tolist())
+    neg = lambda cs: cs.items[cs.items != cs.targets[:, None]]  # noqa: E731
+    assert np.isin(neg(heavy), np.arange(1, 11)).mean() > 0.3 > np.isin(neg(uniform), np.arange(1, 11)).mean()
+    np.testing.assert_array_equal(draw_candidates(exs, ds, size=20, seed=3, weights=None).items, uniform.items)
+
+
 def test_candidates_reproducible_per_seed_and_hash() -> None:
     ds = make_ds()
     exs = make_split(ds, "loo").examples("test")

@@ -144,6 +144,11 @@ class FinetuneConfig:
     # α 1 gives every item about the same total weight). Unweighted next-item training learns which titles are
     # frequent targets first and ranks the rarest fifth of targets below chance (probe_popularity.py); 0 = off.
     popularity_exponent: float = 0.0
+    # Training candidate sets (objective candidates, or the candidate-level term of distill_candidates) draw their
+    # negatives ∝ (1 + training count)^β instead of uniformly: at β 1 a negative is as popular as a target on average,
+    # so the listed titles' frequency no longer tells the target apart and only the user's sequence can. Evaluation
+    # sets stay uniform. 0 = uniform.
+    negative_exponent: float = 0.0
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
     profile: str = "paper"  # the preset these values started from (recorded only)
@@ -175,7 +180,7 @@ class FinetuneConfig:
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
                 raise bad(name, "must be a positive number")
         for name in ("weight_decay", "grad_clip", "orth_reg_weight", "distill_weight", "distill_temperature",
-                     "popularity_exponent"):
+                     "popularity_exponent", "negative_exponent"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a non-negative number")
@@ -191,6 +196,9 @@ class FinetuneConfig:
         if self.distill_candidates and (self.objective != "sequence" or not self.distill_weight):
             raise bad("distill_candidates", "needs objective=sequence and distill_weight > 0 (with objective="
                                             "candidates the teacher's term is over each example's candidates already)")
+        if self.negative_exponent and not (self.objective == "candidates" or self.distill_candidates):
+            raise bad("negative_exponent", "shapes training candidate sets: needs objective=candidates or "
+                                           "distill_candidates > 0")
         if self.distill_standardize and (not self.distill_weight or
                                          (self.objective == "sequence" and not self.distill_candidates)):
             raise bad("distill_standardize", "applies to a candidate-level teacher term only: needs distill_weight "
@@ -450,6 +458,12 @@ def train_examples(split: Split, cfg: FinetuneConfig) -> list[Example]:
     return exs
 
 
+def _train_counts(split: Split) -> np.ndarray:
+    """[n_items + 1] interactions of each item in the training sequences (never a validation or test target)."""
+    return np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in split.train_sequences]),
+                       minlength=split.dataset.n_items + 1)
+
+
 def target_weights(split: Split, examples: Sequence[Any], cfg: FinetuneConfig) -> np.ndarray | None:
     """[n_items + 1] loss weight of each item as a training target, (1 + training count)^−α scaled so the training
     predictions' weights average 1 (the loss keeps its scale, so the learning rate keeps its meaning); None at α 0.
@@ -458,9 +472,7 @@ def target_weights(split: Split, examples: Sequence[Any], cfg: FinetuneConfig) -
     after the first (objective sequence) or each example's next item (objective candidates)."""
     if not cfg.popularity_exponent:
         return None
-    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in split.train_sequences]),
-                         minlength=split.dataset.n_items + 1)
-    raw = (1.0 + counts) ** -float(cfg.popularity_exponent)
+    raw = (1.0 + _train_counts(split)) ** -float(cfg.popularity_exponent)
     if cfg.objective == "sequence":
         predicted = np.concatenate([np.asarray(w[1:], dtype=np.int64) for w in examples])
     else:
@@ -507,18 +519,29 @@ def term_targets(teacher: SeqRecommender | None, histories: Sequence[np.ndarray]
     return w * truth() + (1 - w) * p if w else p
 
 
-def teacher_term_sets(prefixes: Sequence[Example], dataset: SeqDataset, cfg: FinetuneConfig, epoch: int, batch: int
-                      ) -> tuple[list[Example], CandidateSet]:
+def negative_weights(split: Split, cfg: FinetuneConfig) -> np.ndarray | None:
+    """[n_items + 1] sampling weights of training negatives, (1 + training count)^β; None (uniform) at β 0."""
+    if not cfg.negative_exponent:
+        return None
+    return (1.0 + _train_counts(split)) ** float(cfg.negative_exponent)
+
+
+def teacher_term_sets(prefixes: Sequence[Example], dataset: SeqDataset, cfg: FinetuneConfig, epoch: int, batch: int,
+                      weights: np.ndarray | None = None) -> tuple[list[Example], CandidateSet]:
     """The ``distill_candidates`` training prefixes of one micro-batch's teacher term and their candidate sets,
-    seeded by (seed, epoch, batch): a resumed run draws the same, and the saved file (`save_sets`) redraws them all."""
+    seeded by (seed, epoch, batch): a resumed run draws the same, and the saved file (`save_sets`) redraws them all.
+    ``weights``: `negative_weights`."""
     rng = np.random.default_rng([cfg.seed, epoch, batch])
     exs = [prefixes[i] for i in rng.choice(len(prefixes), cfg.distill_candidates, replace=False)]
-    return exs, draw_candidates(exs, dataset, size=cfg.candidate_size, seed=int(rng.integers(2**31)))
+    return exs, draw_candidates(exs, dataset, size=cfg.candidate_size, seed=int(rng.integers(2**31)),
+                                weights=weights)
 
 
-def epoch_sets(examples: Sequence[Example], dataset: SeqDataset, cfg: FinetuneConfig, epoch: int) -> CandidateSet:
+def epoch_sets(examples: Sequence[Example], dataset: SeqDataset, cfg: FinetuneConfig, epoch: int,
+               weights: np.ndarray | None = None) -> CandidateSet:
     """``objective=candidates``: each training example's candidate set for one epoch (re-drawn every epoch)."""
-    return draw_candidates(list(examples), dataset, size=cfg.candidate_size, seed=_epoch_seed(cfg.seed, epoch))
+    return draw_candidates(list(examples), dataset, size=cfg.candidate_size, seed=_epoch_seed(cfg.seed, epoch),
+                           weights=weights)
 
 
 def trained_batches(epoch: int, batch: int, batches_per_epoch: int) -> list[tuple[int, int]]:
@@ -753,6 +776,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     valid, valid_hist = _valid_rows(split, dataset, cfg, valid_candidates)
     domain = dataset.domain
     weights = target_weights(split, examples, cfg)
+    neg_weights = negative_weights(split, cfg)
     weight_t = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=accelerator.device)
 
     if soft_prompt is not None:
@@ -821,7 +845,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     def rank_distill(epoch: int, batch: int) -> torch.Tensor:
         """The teacher's term over candidate sets for one micro-batch: this process's share of its sets."""
         # every process draws all the sets (cheap), so each example's negatives do not depend on the process count
-        exs, sets = teacher_term_sets(prefixes, dataset, cfg, epoch, batch)
+        exs, sets = teacher_term_sets(prefixes, dataset, cfg, epoch, batch, neg_weights)
         mine = slice(rank * len(exs) // world, (rank + 1) * len(exs) // world)
         hists, items = [e.history for e in exs[mine]], sets.items[mine]
         prompts, titles = lsr_inputs(dataset, hists, items, domain, teacher_name, cfg.history_len,
@@ -849,7 +873,7 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
     while not stop and st["step"] < cfg.max_steps:
         sampler.epoch, sampler.start = st["epoch"], st["batch"]
         if cands_epoch != st["epoch"] and not sequence:
-            cands = epoch_sets(examples, dataset, cfg, st["epoch"])
+            cands = epoch_sets(examples, dataset, cfg, st["epoch"], neg_weights)
             cands_epoch = st["epoch"]
         for idx in loader:
             rows = idx.tolist()
@@ -984,10 +1008,10 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         pairs = trained_batches(st["epoch"], st["batch"], len(sampler))
         train_sets = None
         if rank_kd:
-            train_sets = [(e, b, teacher_term_sets(prefixes, dataset, cfg, e, b)[1]) for e, b in pairs]
+            train_sets = [(e, b, teacher_term_sets(prefixes, dataset, cfg, e, b, neg_weights)[1]) for e, b in pairs]
         elif not sequence:
             epochs = sorted({e for e, _ in pairs})
-            train_sets = [(e, -1, epoch_sets(examples, dataset, cfg, e)) for e in epochs]
+            train_sets = [(e, -1, epoch_sets(examples, dataset, cfg, e, neg_weights)) for e in epochs]
         train_hash = None if train_sets is None else save_sets(out_dir / TRAIN_CANDIDATES_FILE, train_sets)
         write_json(out_dir / "history.json", {
             "config": cfg.to_dict(), "adapter": cfg.adapter, "processes": world, "n_train_examples": len(examples),

@@ -1,5 +1,7 @@
 """Frozen candidate sets: the target plus uniformly drawn negatives, seeded and saved.
 
+Stage 2 may draw its *training* negatives by popularity instead (`draw_candidates` ``weights``).
+
 Negatives are drawn without replacement from items the user never interacted with (their whole known sequence is
 excluded, not just the prefix shown), so a candidate set holds no duplicates and no history item. Every model is
 scored on the same saved file; its content hash goes into every report.
@@ -82,8 +84,12 @@ def concat(sets: list[CandidateSet]) -> CandidateSet:
                         np.concatenate([c.items for c in sets]), sets[0].seed)
 
 
-def draw_candidates(examples: list[Example], dataset: SeqDataset, size: int = 20, seed: int = 0) -> CandidateSet:
-    """Target + ``size - 1`` negatives per example, reproducible for a given ``seed``."""
+def draw_candidates(examples: list[Example], dataset: SeqDataset, size: int = 20, seed: int = 0,
+                    weights: np.ndarray | None = None) -> CandidateSet:
+    """Target + ``size - 1`` negatives per example, reproducible for a given ``seed``.
+
+    ``weights``: [n_items + 1] positive sampling weights of the negatives (e.g. training counts, so that negatives are
+    as popular as targets and popularity alone cannot pick the target out); None = uniform, the evaluation's."""
     if size < 2:
         raise ConfigError(f"candidate set size must be at least 2, got {size}", field="candidates.size")
     rng = np.random.default_rng(seed)
@@ -95,7 +101,11 @@ def draw_candidates(examples: list[Example], dataset: SeqDataset, size: int = 20
         if len(pool) < size - 1:
             raise ConfigError(f"user {dataset.user_ids[ex.user]!r} has only {len(pool)} unseen items; "
                               f"cannot draw {size - 1} negatives", field="candidates.size")
-        cand = np.concatenate([[ex.target], rng.choice(pool, size - 1, replace=False)])
+        if weights is None:
+            neg = rng.choice(pool, size - 1, replace=False)
+        else:
+            neg = rng.choice(pool, size - 1, replace=False, p=weights[pool] / weights[pool].sum())
+        cand = np.concatenate([[ex.target], neg])
         rows[r] = rng.permutation(cand)
     users = np.array([ex.user for ex in examples], dtype=np.int64)
     targets = np.array([ex.target for ex in examples], dtype=np.int64)
