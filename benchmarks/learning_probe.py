@@ -80,7 +80,9 @@ def donor_histories(examples: Sequence[Example], items: np.ndarray, history_len:
 
 
 def popularity_scores(split: Any, items: np.ndarray) -> np.ndarray:
-    counts = np.bincount(np.concatenate(split.train_sequences), minlength=split.dataset.n_items + 1)
+    from delrec.evaluate import item_counts
+
+    counts = item_counts(split.train_sequences, split.dataset.n_items)
     return counts[items].astype(np.float64) + 1e-6 * np.random.default_rng(0).random(items.shape)
 
 

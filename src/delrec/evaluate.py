@@ -79,15 +79,20 @@ def evaluate_scores(scores: np.ndarray, candidates: CandidateSet, seconds: float
                       scores=scores)
 
 
+def item_counts(train_sequences: Sequence[np.ndarray], n_items: int) -> np.ndarray:
+    """[n_items + 1] interactions of each item in ``train_sequences`` (a split's training sequences: never a
+    validation or test target)."""
+    return np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_sequences]),
+                       minlength=n_items + 1)
+
+
 def popularity_scores(train_sequences: Sequence[np.ndarray], items: np.ndarray, n_items: int) -> np.ndarray:
     """[N, C] training-interaction counts of each candidate: the popularity baseline every model must beat.
 
     Counts come from the training sequences only (never a validation or test target); ties are ranked
     pessimistically by `ranks_from_scores`, like every other model's.
     """
-    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_sequences]),
-                         minlength=n_items + 1)
-    return counts[np.asarray(items, dtype=np.int64)].astype(np.float64)
+    return item_counts(train_sequences, n_items)[np.asarray(items, dtype=np.int64)].astype(np.float64)
 
 
 def chance_metrics(size: int) -> dict[str, float]:

@@ -43,7 +43,7 @@ from delrec.data.candidates import CandidateSet, concat, draw_candidates
 from delrec.data.dataset import SeqDataset
 from delrec.data.splits import Example, Split
 from delrec.errors import ConfigError, DataError, DelrecError
-from delrec.evaluate import histories_for, lsr_inputs, validation_metrics
+from delrec.evaluate import histories_for, item_counts, lsr_inputs, validation_metrics
 from delrec.io import atomic_dir, atomic_path, read_json, sha256_bytes, write_json
 from delrec.llm.scoring import ranking_loss, soft_targets
 from delrec.llm.title_trie import TitleTrie
@@ -139,15 +139,17 @@ class FinetuneConfig:
     # truth corrects the teacher's misses; 0 = the teacher's softmax alone, 1 is distill_target=truth (refused here:
     # it would load the teacher for nothing). Needs distill_target=teacher and distill_standardize.
     distill_truth_weight: float = 0.0
-    # Each training next-item prediction's loss weighted by (1 + its item's training count)^−α, the weights scaled to
-    # mean 1 over the training targets: α > 0 moves the loss toward rare targets (inverse-propensity weighting;
-    # α 1 gives every item about the same total weight). Unweighted next-item training learns which titles are
-    # frequent targets first and ranks the rarest fifth of targets below chance (probe_popularity.py); 0 = off.
+    # Each training prediction's true-next-item term weighted by (1 + its item's training count)^−α, the weights
+    # scaled to mean 1 over the training targets: α > 0 moves the loss toward rare targets (inverse-propensity
+    # weighting; α 1 gives every item about the same total weight). Unweighted next-item training learns which titles
+    # are frequent targets first and ranks the rarest fifth of targets below chance (probe_popularity.py); α 0.5 keeps
+    # the backbone's cold-fifth hits but ranks the validation ends lower overall (learning_log row 74). 0 = off.
     popularity_exponent: float = 0.0
     # Training candidate sets (objective candidates, or the candidate-level term of distill_candidates) draw their
     # negatives ∝ (1 + training count)^β instead of uniformly: at β 1 a negative is as popular as a target on average,
     # so the listed titles' frequency no longer tells the target apart and only the user's sequence can. Evaluation
-    # sets stay uniform. 0 = uniform.
+    # sets stay uniform. β 1 under the teacher's term ranks the validation ends as uniform negatives do, leaning more
+    # on the user's history (learning_log rows 77–79). 0 = uniform.
     negative_exponent: float = 0.0
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
@@ -458,12 +460,6 @@ def train_examples(split: Split, cfg: FinetuneConfig) -> list[Example]:
     return exs
 
 
-def _train_counts(split: Split) -> np.ndarray:
-    """[n_items + 1] interactions of each item in the training sequences (never a validation or test target)."""
-    return np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in split.train_sequences]),
-                       minlength=split.dataset.n_items + 1)
-
-
 def target_weights(split: Split, examples: Sequence[Any], cfg: FinetuneConfig) -> np.ndarray | None:
     """[n_items + 1] loss weight of each item as a training target, (1 + training count)^−α scaled so the training
     predictions' weights average 1 (the loss keeps its scale, so the learning rate keeps its meaning); None at α 0.
@@ -472,7 +468,7 @@ def target_weights(split: Split, examples: Sequence[Any], cfg: FinetuneConfig) -
     after the first (objective sequence) or each example's next item (objective candidates)."""
     if not cfg.popularity_exponent:
         return None
-    raw = (1.0 + _train_counts(split)) ** -float(cfg.popularity_exponent)
+    raw = (1.0 + item_counts(split.train_sequences, split.dataset.n_items)) ** -float(cfg.popularity_exponent)
     if cfg.objective == "sequence":
         predicted = np.concatenate([np.asarray(w[1:], dtype=np.int64) for w in examples])
     else:
@@ -523,7 +519,7 @@ def negative_weights(split: Split, cfg: FinetuneConfig) -> np.ndarray | None:
     """[n_items + 1] sampling weights of training negatives, (1 + training count)^β; None (uniform) at β 0."""
     if not cfg.negative_exponent:
         return None
-    return (1.0 + _train_counts(split)) ** float(cfg.negative_exponent)
+    return (1.0 + item_counts(split.train_sequences, split.dataset.n_items)) ** float(cfg.negative_exponent)
 
 
 def teacher_term_sets(prefixes: Sequence[Example], dataset: SeqDataset, cfg: FinetuneConfig, epoch: int, batch: int,
