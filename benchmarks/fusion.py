@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from delrec.data import CandidateSet, SeqDataset, Split, draw_candidates
-from delrec.evaluate import histories_for, popularity_scores
+from delrec.evaluate import histories_for, item_counts, popularity_scores
 from delrec.io import read_json, write_json, write_text
-from delrec.metrics import ranks_from_scores, summarize
+from delrec.metrics import hit_rate, ndcg, ranks_from_scores, summarize
 from delrec.pipeline import TEACHER_NAMES, adapter_dir, chosen_prior_weight, load_config, soft_prompt_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -99,8 +99,8 @@ def by_popularity(ranks: dict[str, np.ndarray], counts: np.ndarray, groups: int 
     for g, rows in enumerate(np.array_split(order, groups)):
         c = counts[rows]
         out.append({"group": g + 1, "n": len(rows), "count_range": [int(c.min()), int(c.max())],
-                    **{m: {"HR@1": round(float((r[rows] == 1).mean()), 4),
-                           "NDCG@5": round(float(np.where(r[rows] <= 5, 1 / np.log2(r[rows] + 1), 0).mean()), 4)}
+                    **{m: {"HR@1": round(float(hit_rate(r[rows], 1).mean()), 4),
+                           "NDCG@5": round(float(ndcg(r[rows], 5).mean()), 4)}
                        for m, r in ranks.items()}})
     return out
 
@@ -270,7 +270,7 @@ def main() -> None:
                      paired_ranks(ranks[three], ranks[p_fused], three, p_fused)],
            "grids": grids,
            "by_popularity": by_popularity({k: ranks[k] for k in (tname, llm, "popularity", d_fused)},
-                                          popularity_scores(split.train_sequences, test.targets, dataset.n_items))}
+                                          item_counts(split.train_sequences, dataset.n_items)[test.targets])}
     json_path = args.out.with_suffix(".json")
     old = read_json(json_path)["rows"] if json_path.is_file() else []
     merged = [r for r in old if r["run"] != row["run"]] + [row]

@@ -80,10 +80,11 @@ def donor_histories(examples: Sequence[Example], items: np.ndarray, history_len:
 
 
 def popularity_scores(split: Any, items: np.ndarray) -> np.ndarray:
-    from delrec.evaluate import item_counts
+    """Training counts of each candidate (`delrec.evaluate.popularity_scores`), ties broken by a seeded jitter."""
+    from delrec.evaluate import popularity_scores as counts
 
-    counts = item_counts(split.train_sequences, split.dataset.n_items)
-    return counts[items].astype(np.float64) + 1e-6 * np.random.default_rng(0).random(items.shape)
+    return counts(split.train_sequences, items, split.dataset.n_items) + 1e-6 * np.random.default_rng(0).random(
+        items.shape)
 
 
 def _row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from delrec.data import draw_candidates
-from delrec.evaluate import popularity_scores as train_counts
+from delrec.evaluate import item_counts
 from delrec.io import write_json, write_text
 from delrec.metrics import ranks_from_scores
 
@@ -47,7 +47,7 @@ def main() -> None:
     run = Run(args.base, log=lambda s: None)
     vex = end_examples(run.split)
     vc = draw_candidates(vex, run.dataset, size=20, seed=7)  # the probe's own draw (learning_probe.main)
-    counts = train_counts(run.split.train_sequences, vc.targets, run.dataset.n_items)  # no tie-break: stable order
+    counts = item_counts(run.split.train_sequences, run.dataset.n_items)[vc.targets]  # no tie-break: stable order
     ranks = {"popularity": ranks_from_scores(popularity_scores(run.split, vc.items), vc.target_pos)}
     notes = {"popularity": "training counts"}
     for line in args.log.read_text(encoding="utf-8").splitlines():
