@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from delrec.data import draw_candidates
+from delrec.data.candidates import donor_histories
 from delrec.data.splits import Example
 from delrec.io import read_json, write_text
 from delrec.metrics import ranks_from_scores, summarize
@@ -58,25 +59,6 @@ def end_examples(split: Any, k: int = 3, min_history: int = 5) -> list[Example]:
     # each validation target, as the split places it (loo: never the test item after it), and the k − 1 before it
     return [Example(ex.user, seqs[ex.user][:t], int(seqs[ex.user][t])) for ex in split.examples("valid")
             for t in range(len(ex.history), len(ex.history) - k, -1) if t >= min_history]
-
-
-def donor_histories(examples: Sequence[Example], items: np.ndarray, history_len: int, seed: int = 0
-                    ) -> list[np.ndarray]:
-    """Each row's history replaced by another user's (a seeded donor among the rows) whose last ``history_len`` items
-    share none of the row's candidates: the control that asks whether a model reads the user's sequence at all.
-    The candidates stay the row's own (drawn outside its own sequence)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i, ex in enumerate(examples):
-        cands = set(items[i].tolist())
-        for j in rng.permutation(len(examples)):
-            donor = examples[j]
-            if donor.user != ex.user and not cands & set(donor.history[-history_len:].tolist()):
-                out.append(donor.history)
-                break
-        else:
-            raise SystemExit(f"row {i}: no donor history without one of its candidates")
-    return out
 
 
 def popularity_scores(split: Any, items: np.ndarray) -> np.ndarray:

@@ -487,3 +487,92 @@ def test_negative_exponent_draws_training_negatives_by_popularity(tmp_path: Path
     assert mean_count[8.0] > 1.2 * mean_count[0.0]  # counts here are 1–8: a steep β shows it
     with pytest.raises(ConfigError, match="needs objective=candidates or distill_candidates"):
         FinetuneConfig.from_profile("cpu", negative_exponent=1.0)
+
+
+class _Echo(torch.nn.Module):
+    """A stand-in teacher (the `SeqRecommender` interface) whose choice depends on the history: a global order (item
+    i scores −i, a popularity that history lifts cancel) plus 1.5 on the item after the history's last one."""
+
+    fixed_len = False
+
+    def __init__(self, n_items: int) -> None:
+        super().__init__()
+        from delrec.teachers import TeacherConfig
+
+        self.cfg, self.n_items = TeacherConfig(max_len=8), n_items
+        self.bias = torch.nn.Parameter(torch.zeros(n_items + 1))
+
+    def logits(self, item_seq: torch.Tensor) -> torch.Tensor:
+        out = -torch.arange(self.n_items + 1, dtype=torch.float32).expand(item_seq.shape[0], -1).clone()
+        nxt = (item_seq[:, -1] % self.n_items + 1)[:, None]
+        out = out.scatter_add(1, nxt, torch.full_like(nxt, 1.5, dtype=torch.float32))
+        out[:, 0] = float("-inf")
+        return out + 0 * self.bias
+
+
+def test_distill_lift_targets_what_the_history_adds() -> None:
+    """distill_lift: the teacher term's target is the softmax of the teacher's scores less its scores after a donor
+    history — the global order cancels and the item the user's own history lifts wins, where the plain target
+    follows the global order; refused without the candidate-level term."""
+    from delrec.finetune import term_targets
+
+    teacher = _Echo(12)
+    items = np.array([[2, 4, 6, 11]])
+    hist, donor = [np.array([1, 3])], [np.array([5, 10])]  # lifts item 4 (own) and item 11 (donor)
+    cfg = FinetuneConfig.from_profile("cpu", distill_weight=0.5, distill_candidates=2, distill_standardize=True,
+                                      distill_temperature=0.5, distill_lift=True)
+    plain = term_targets(teacher, hist, items, np.array([4]), cfg)
+    lift = term_targets(teacher, hist, items, np.array([4]), cfg, donors=donor)
+    assert items[0, plain.argmax()] == 2 and items[0, lift.argmax()] == 4
+    assert lift[0, 3] < lift[0, 0] == pytest.approx(lift[0, 2])  # the donor's own lift counts against item 11
+    with pytest.raises(ConfigError, match="needs distill_candidates"):
+        FinetuneConfig.from_profile("cpu", distill_lift=True)
+
+
+def test_distill_lift_first_update_fits_history_lifts(tmp_path: Path) -> None:
+    """objective=sequence, distill_candidates, distill_lift (λ 1, so the logged loss is the term alone): the first
+    update's loss is the z-scored cross-entropy between the LM's and the teacher's history lifts over the term's sets,
+    computed here from the same seeded sets and donors (other users, none of a set's candidates in their shown
+    items) — and differs from the term without lifts."""
+    from delrec.data.candidates import donor_histories
+    from delrec.finetune import teacher_term_sets, train_prefixes
+    from delrec.llm.prompts import ScoringConfig
+    from delrec.llm.scoring import ranking_loss, soft_targets
+    from delrec.teachers import score_candidates
+
+    ds, split = _data()
+    sc = ScoringConfig(verbalizer="next", reduce="sum")
+    cfg = FinetuneConfig.from_profile("cpu", adapter="lora", lora_dropout=0.0, max_steps=1, batch_size=4,
+                                      grad_accum=1, history_len=4, windows_per_user=0, max_valid_examples=2,
+                                      objective="sequence", distill_weight=1.0, distill_candidates=4,
+                                      distill_standardize=True, distill_temperature=0.5, candidate_size=8,
+                                      distill_lift=True)
+    teacher = _Echo(ds.n_items)
+    prefixes = train_prefixes(split, cfg)
+    exs, sets = teacher_term_sets(prefixes, ds, cfg, 0, 0)
+    donors = donor_histories(exs, sets.items, cfg.history_len, pool=prefixes,
+                             seed=int(np.random.default_rng([cfg.seed, 0, 0, 1]).integers(2**31)))
+    donor_users = [next(p.user for p in prefixes if p.history is d) for d in donors]
+    for e, u, d, row in zip(exs, donor_users, donors, sets.items, strict=True):
+        assert u != e.user and set(d[-cfg.history_len:].tolist()).isdisjoint(row.tolist())
+    scorer = sc.scorer(tiny_backbone(), None)
+    hists = [e.history for e in exs]
+
+    def lm(histories: list[np.ndarray]) -> torch.Tensor:
+        prompts, titles = lsr_inputs(ds, histories, sets.items, ds.domain, "SASRec", cfg.history_len,
+                                     year=sc.year, verbalizer="next")
+        with torch.no_grad():
+            return scorer.score(prompts, titles)
+
+    def term(student: torch.Tensor, teacher_logits: np.ndarray) -> float:
+        target = soft_targets(torch.as_tensor(teacher_logits), cfg.distill_temperature, True)
+        return float(ranking_loss(student, target, cfg.distill_temperature, True))
+
+    t_own, t_donor = score_candidates(teacher, hists, sets.items), score_candidates(teacher, donors, sets.items)
+    want = term(lm(hists) - lm(donors), t_own - t_donor)
+    plain = term(lm(hists), t_own)
+    finetune(tiny_backbone(), ds, split, None, "SASRec", cfg, tmp_path / "lift", scoring=sc,
+             teacher=teacher)  # type: ignore[arg-type]
+    got = read_json(tmp_path / "lift" / "history.json")["history"][0]["loss"]
+    assert got == pytest.approx(want, rel=1e-4)
+    assert abs(want - plain) > 1e-3

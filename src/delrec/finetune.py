@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from delrec.data.candidates import CandidateSet, concat, draw_candidates
+from delrec.data.candidates import CandidateSet, concat, donor_histories, draw_candidates
 from delrec.data.dataset import SeqDataset
 from delrec.data.splits import Example, Split
 from delrec.errors import ConfigError, DataError, DelrecError
@@ -151,6 +151,13 @@ class FinetuneConfig:
     # sets stay uniform. β 1 under the teacher's term ranks the validation ends as uniform negatives do, leaning more
     # on the user's history (learning_log rows 77–79). 0 = uniform.
     negative_exponent: float = 0.0
+    # The candidate-level teacher term (distill_candidates) fits history *lifts*: each candidate's score minus its
+    # score after a stranger's history (a seeded training prefix of another user, none of the set's candidates in
+    # its shown items; the LM's side without gradient) — for the LM and, with distill_target=teacher, the teacher.
+    # A title prior cancels out of both, so the term pays only for what the user's own sequence adds: the teacher's
+    # item-to-item knowledge, which plain next-item training never reaches (stage 2's gain is history-free:
+    # learning_log rows 75–79). One more forward pass of the term's sets per micro-batch, without backward.
+    distill_lift: bool = False
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
     profile: str = "paper"  # the preset these values started from (recorded only)
@@ -198,6 +205,10 @@ class FinetuneConfig:
         if self.distill_candidates and (self.objective != "sequence" or not self.distill_weight):
             raise bad("distill_candidates", "needs objective=sequence and distill_weight > 0 (with objective="
                                             "candidates the teacher's term is over each example's candidates already)")
+        if not isinstance(self.distill_lift, bool):
+            raise bad("distill_lift", "must be true or false")
+        if self.distill_lift and not self.distill_candidates:
+            raise bad("distill_lift", "applies to the candidate-level teacher term: needs distill_candidates > 0")
         if self.negative_exponent and not (self.objective == "candidates" or self.distill_candidates):
             raise bad("negative_exponent", "shapes training candidate sets: needs objective=candidates or "
                                            "distill_candidates > 0")
@@ -495,11 +506,13 @@ def candidate_distill_loss(scores: torch.Tensor, target: np.ndarray, cfg: Finetu
 
 
 def term_targets(teacher: SeqRecommender | None, histories: Sequence[np.ndarray], items: np.ndarray,
-                 targets: np.ndarray, cfg: FinetuneConfig) -> np.ndarray:
+                 targets: np.ndarray, cfg: FinetuneConfig,
+                 donors: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """The [B, C] distribution over each candidate set that the candidate-level term fits: the teacher's softmax
     (`soft_targets` of its scores), or with ``distill_target=truth`` that of a 0/1 row on each set's true next item
     (``targets``) — near one-hot after z-scoring and the temperature — or, with ``distill_truth_weight`` w, the mix
-    w·truth + (1−w)·teacher."""
+    w·truth + (1−w)·teacher. ``donors`` (``distill_lift``): the teacher's scores less its scores for the same
+    candidates after these histories."""
     def soft(logits: np.ndarray) -> np.ndarray:
         t = torch.as_tensor(logits, dtype=torch.float32)
         return soft_targets(t, cfg.distill_temperature, cfg.distill_standardize).numpy()
@@ -510,7 +523,10 @@ def term_targets(teacher: SeqRecommender | None, histories: Sequence[np.ndarray]
     if cfg.distill_target == "truth":
         return truth()
     assert teacher is not None
-    p = soft(teacher_scores(teacher, histories, items))
+    logits = teacher_scores(teacher, histories, items)
+    if donors is not None:
+        logits = logits - teacher_scores(teacher, donors, items)
+    p = soft(logits)
     w = cfg.distill_truth_weight
     return w * truth() + (1 - w) * p if w else p
 
@@ -844,11 +860,21 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         exs, sets = teacher_term_sets(prefixes, dataset, cfg, epoch, batch, neg_weights)
         mine = slice(rank * len(exs) // world, (rank + 1) * len(exs) // world)
         hists, items = [e.history for e in exs[mine]], sets.items[mine]
-        prompts, titles = lsr_inputs(dataset, hists, items, domain, teacher_name, cfg.history_len,
-                                     soft_prompt=soft_prompt is not None, year=scoring.year,
-                                     verbalizer=scoring.verbalizer)
-        return candidate_distill_loss(wrapped(prompts, titles), term_targets(teacher, hists, items,
-                                                                             sets.targets[mine], cfg), cfg)
+
+        def inputs(histories: Sequence[np.ndarray]) -> tuple[list[str], list[list[str]]]:
+            return lsr_inputs(dataset, histories, items, domain, teacher_name, cfg.history_len,
+                              soft_prompt=soft_prompt is not None, year=scoring.year, verbalizer=scoring.verbalizer)
+
+        scores = wrapped(*inputs(hists))
+        donors = None
+        if cfg.distill_lift:  # seeded by (seed, epoch, batch) like the sets: a resumed run draws the same donors
+            donors = donor_histories(exs, sets.items, cfg.history_len, seed=int(np.random.default_rng(
+                [cfg.seed, epoch, batch, 1]).integers(2**31)), pool=prefixes)[mine]
+            with torch.no_grad():  # the baseline: outside DDP's reducer, no graph
+                base = accelerator.unwrap_model(wrapped)(*inputs(donors))
+            scores = scores - base
+        return candidate_distill_loss(scores, term_targets(teacher, hists, items, sets.targets[mine], cfg, donors),
+                                      cfg)
 
     def record(entry: dict[str, Any]) -> None:
         st["history"].append(entry)
@@ -1077,6 +1103,9 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any], model: nn.Modu
         old["config"].setdefault("distill_target", "teacher")  # … and before distill_target
         old["config"].setdefault("distill_truth_weight", 0.0)  # … and before distill_truth_weight
         old["config"].setdefault("lora_layers", 0)  # … and before lora_layers
+        old["config"].setdefault("popularity_exponent", 0.0)  # … and before the popularity exponents
+        old["config"].setdefault("negative_exponent", 0.0)
+        old["config"].setdefault("distill_lift", False)  # … and before distill_lift
     if isinstance(old.get("scoring"), dict):  # … and from before scoring.prior_weight, which was 0 then
         old["scoring"].setdefault("prior_weight", 0.0)
     def flat(d: dict[str, Any]) -> dict[str, Any]:

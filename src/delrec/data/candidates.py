@@ -9,6 +9,7 @@ scored on the same saved file; its content hash goes into every report.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,3 +111,25 @@ def draw_candidates(examples: list[Example], dataset: SeqDataset, size: int = 20
     users = np.array([ex.user for ex in examples], dtype=np.int64)
     targets = np.array([ex.target for ex in examples], dtype=np.int64)
     return CandidateSet(users, targets, rows, seed)
+
+
+def donor_histories(examples: Sequence[Example], items: np.ndarray, history_len: int, seed: int = 0,
+                    pool: Sequence[Example] | None = None) -> list[np.ndarray]:
+    """Each row's history replaced by another user's: a seeded donor from ``pool`` (default: the rows themselves)
+    whose last ``history_len`` items share none of the row's candidates (``items``, [N, C]). What a model gives a
+    candidate after a stranger's history is its history-free part — the control that asks whether a model reads the
+    user's sequence (`benchmarks/learning_probe.py --histories donor`) and stage 2's history-lift term's baseline."""
+    pool = examples if pool is None else pool
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, ex in enumerate(examples):
+        cands = set(np.asarray(items[i]).tolist())
+        for j in rng.permutation(len(pool)):
+            donor = pool[j]
+            if donor.user != ex.user and not cands & set(donor.history[-history_len:].tolist()):
+                out.append(donor.history)
+                break
+        else:
+            raise ConfigError(f"row {i}: no other user's history without one of its {len(cands)} candidates",
+                              field="candidates")
+    return out
