@@ -269,8 +269,10 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path) -> None:
         run(tmp_path / "b", 5)
     state_file = tmp_path / "b" / "checkpoint" / "state.json"
     assert read_json(state_file)["step"] == 3
-    state = read_json(state_file)  # as a version before scoring.prior_weight wrote it: resumes the same
+    state = read_json(state_file)  # as a version before scoring.prior_weight (and these options) wrote it: resumes
     del state["fingerprint"]["scoring"]["prior_weight"]
+    for key in ("popularity_exponent", "negative_exponent", "distill_lift"):
+        del state["fingerprint"]["config"][key]
     write_json(state_file, state)
     resumed = run(tmp_path / "b", None)
     assert ref.keys() == resumed.keys()
