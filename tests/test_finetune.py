@@ -527,8 +527,10 @@ def test_distill_lift_targets_what_the_history_adds() -> None:
     lift = term_targets(teacher, hist, items, np.array([4]), cfg, donors=donor)
     assert items[0, plain.argmax()] == 2 and items[0, lift.argmax()] == 4
     assert lift[0, 3] < lift[0, 0] == pytest.approx(lift[0, 2])  # the donor's own lift counts against item 11
-    with pytest.raises(ConfigError, match="needs distill_candidates"):
-        FinetuneConfig.from_profile("cpu", distill_lift=True)
+    for objective in ("sequence", "candidates"):
+        with pytest.raises(ConfigError, match="needs objective=sequence with distill_candidates") as err:
+            FinetuneConfig.from_profile("cpu", objective=objective, distill_weight=0.5, distill_lift=True)
+        assert err.value.field == "finetune.distill_lift"
 
 
 def test_distill_lift_first_update_fits_history_lifts(tmp_path: Path) -> None:
@@ -552,11 +554,12 @@ def test_distill_lift_first_update_fits_history_lifts(tmp_path: Path) -> None:
     teacher = _Echo(ds.n_items)
     prefixes = train_prefixes(split, cfg)
     exs, sets = teacher_term_sets(prefixes, ds, cfg, 0, 0)
-    donors = donor_histories(exs, sets.items, cfg.history_len, pool=prefixes,
+    screen = max(cfg.history_len, teacher.cfg.max_len)  # what the LM shows and the teacher reads of a donor
+    donors = donor_histories(exs, sets.items, screen, pool=prefixes,
                              seed=int(np.random.default_rng([cfg.seed, 0, 0, 1]).integers(2**31)))
     donor_users = [next(p.user for p in prefixes if p.history is d) for d in donors]
     for e, u, d, row in zip(exs, donor_users, donors, sets.items, strict=True):
-        assert u != e.user and set(d[-cfg.history_len:].tolist()).isdisjoint(row.tolist())
+        assert u != e.user and set(d[-screen:].tolist()).isdisjoint(row.tolist())
     scorer = sc.scorer(tiny_backbone(), None)
     hists = [e.history for e in exs]
 

@@ -152,11 +152,12 @@ class FinetuneConfig:
     # on the user's history (learning_log rows 77–79). 0 = uniform.
     negative_exponent: float = 0.0
     # The candidate-level teacher term (distill_candidates) fits history *lifts*: each candidate's score minus its
-    # score after a stranger's history (a seeded training prefix of another user, none of the set's candidates in
-    # its shown items; the LM's side without gradient) — for the LM and, with distill_target=teacher, the teacher.
-    # A title prior cancels out of both, so the term pays only for what the user's own sequence adds: the teacher's
-    # item-to-item knowledge, which plain next-item training never reaches (stage 2's gain is history-free:
-    # learning_log rows 75–79). One more forward pass of the term's sets per micro-batch, without backward.
+    # score after a stranger's history (a seeded training prefix of another user with none of the set's candidates
+    # among the items either model reads of it) — the LM's (that baseline in eval mode, without gradient) and, with
+    # distill_target=teacher, the teacher's (truth: the LM's side only). A title prior cancels out of both, so the
+    # term pays only for what the user's own sequence adds: the teacher's item-to-item knowledge, which plain
+    # next-item training does not reach (stage 2's gain is history-free: learning_log rows 75–80). Costs one more
+    # forward pass of the term's sets per micro-batch (and one of the teacher), without backward.
     distill_lift: bool = False
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
@@ -208,7 +209,8 @@ class FinetuneConfig:
         if not isinstance(self.distill_lift, bool):
             raise bad("distill_lift", "must be true or false")
         if self.distill_lift and not self.distill_candidates:
-            raise bad("distill_lift", "applies to the candidate-level teacher term: needs distill_candidates > 0")
+            raise bad("distill_lift", "needs objective=sequence with distill_candidates > 0 (the candidates "
+                                      "objective's teacher term takes no lifts)")
         if self.negative_exponent and not (self.objective == "candidates" or self.distill_candidates):
             raise bad("negative_exponent", "shapes training candidate sets: needs objective=candidates or "
                                            "distill_candidates > 0")
@@ -772,6 +774,8 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         raise ConfigError(f"distill_weight {cfg.distill_weight} needs the trained teacher ({teacher_name})",
                           field="finetune.distill_weight")
     rank_kd = kd and sequence and cfg.distill_candidates > 0  # the teacher's term over candidate sets (below)
+    # distill_lift's donors hold none of a set's candidates among the items the LM shows and the teacher reads
+    lift_screen = max(cfg.history_len, teacher.cfg.max_len if teacher is not None and cfg.needs_teacher else 0)
     prefixes: list[Example] = []
     if rank_kd:
         if cfg.distill_candidates % world:
@@ -868,10 +872,16 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
         scores = wrapped(*inputs(hists))
         donors = None
         if cfg.distill_lift:  # seeded by (seed, epoch, batch) like the sets: a resumed run draws the same donors
-            donors = donor_histories(exs, sets.items, cfg.history_len, seed=int(np.random.default_rng(
-                [cfg.seed, epoch, batch, 1]).integers(2**31)), pool=prefixes)[mine]
-            with torch.no_grad():  # the baseline: outside DDP's reducer, no graph
+            try:
+                donors = donor_histories(exs, sets.items, lift_screen, pool=prefixes, seed=int(
+                    np.random.default_rng([cfg.seed, epoch, batch, 1]).integers(2**31)))[mine]
+            except ConfigError as err:
+                raise ConfigError(f"no donor history for a training set: {err}", field="finetune.distill_lift") \
+                    from None
+            model.eval()  # the baseline: deterministic (no adapter dropout), no graph, outside DDP's reducer
+            with torch.no_grad():
                 base = accelerator.unwrap_model(wrapped)(*inputs(donors))
+            model.train()
             scores = scores - base
         return candidate_distill_loss(scores, term_targets(teacher, hists, items, sets.targets[mine], cfg, donors),
                                       cfg)

@@ -116,9 +116,10 @@ def draw_candidates(examples: list[Example], dataset: SeqDataset, size: int = 20
 def donor_histories(examples: Sequence[Example], items: np.ndarray, history_len: int, seed: int = 0,
                     pool: Sequence[Example] | None = None) -> list[np.ndarray]:
     """Each row's history replaced by another user's: a seeded donor from ``pool`` (default: the rows themselves)
-    whose last ``history_len`` items share none of the row's candidates (``items``, [N, C]). What a model gives a
-    candidate after a stranger's history is its history-free part — the control that asks whether a model reads the
-    user's sequence (`benchmarks/learning_probe.py --histories donor`) and stage 2's history-lift term's baseline."""
+    whose last ``history_len`` items (what the model reads of it) share none of the row's candidates (``items``,
+    [N, C]). What a model gives a candidate after a stranger's history is its history-free part — the control that
+    asks whether a model reads the user's sequence (`benchmarks/learning_probe.py --histories donor`) and the
+    baseline of stage 2's history lifts (`FinetuneConfig.distill_lift`)."""
     pool = examples if pool is None else pool
     rng = np.random.default_rng(seed)
     out = []
