@@ -522,22 +522,25 @@ def test_distill_lift_targets_what_the_history_adds() -> None:
     items = np.array([[2, 4, 6, 11]])
     hist, donor = [np.array([1, 3])], [np.array([5, 10])]  # lifts item 4 (own) and item 11 (donor)
     cfg = FinetuneConfig.from_profile("cpu", distill_weight=0.5, distill_candidates=2, distill_standardize=True,
-                                      distill_temperature=0.5, distill_lift=True)
+                                      distill_temperature=0.5, distill_lift="joint")
     plain = term_targets(teacher, hist, items, np.array([4]), cfg)
     lift = term_targets(teacher, hist, items, np.array([4]), cfg, donors=donor)
     assert items[0, plain.argmax()] == 2 and items[0, lift.argmax()] == 4
     assert lift[0, 3] < lift[0, 0] == pytest.approx(lift[0, 2])  # the donor's own lift counts against item 11
+    with pytest.raises(ConfigError, match="must be one of off, joint, baseline"):
+        FinetuneConfig.from_profile("cpu", distill_lift=True)
     for objective in ("sequence", "candidates"):
         with pytest.raises(ConfigError, match="needs objective=sequence with distill_candidates") as err:
-            FinetuneConfig.from_profile("cpu", objective=objective, distill_weight=0.5, distill_lift=True)
+            FinetuneConfig.from_profile("cpu", objective=objective, distill_weight=0.5, distill_lift="joint")
         assert err.value.field == "finetune.distill_lift"
 
 
 def test_distill_lift_first_update_fits_history_lifts(tmp_path: Path) -> None:
     """objective=sequence, distill_candidates, distill_lift (λ 1, so the logged loss is the term alone): the first
     update's loss is the z-scored cross-entropy between the LM's and the teacher's history lifts over the term's sets,
-    computed here from the same seeded sets and donors (other users, none of a set's candidates in their shown
-    items) — and differs from the term without lifts."""
+    computed here from the same seeded sets and donors (other users, none of a set's candidates among the items
+    either model reads of them) — and differs from the term without lifts. joint and baseline share that loss but
+    not its gradient (baseline's stranger pass has none), so their first updates differ."""
     from delrec.data.candidates import donor_histories
     from delrec.finetune import teacher_term_sets, train_prefixes
     from delrec.llm.prompts import ScoringConfig
@@ -550,7 +553,7 @@ def test_distill_lift_first_update_fits_history_lifts(tmp_path: Path) -> None:
                                       grad_accum=1, history_len=4, windows_per_user=0, max_valid_examples=2,
                                       objective="sequence", distill_weight=1.0, distill_candidates=4,
                                       distill_standardize=True, distill_temperature=0.5, candidate_size=8,
-                                      distill_lift=True)
+                                      distill_lift="joint")
     teacher = _Echo(ds.n_items)
     prefixes = train_prefixes(split, cfg)
     exs, sets = teacher_term_sets(prefixes, ds, cfg, 0, 0)
@@ -576,8 +579,12 @@ def test_distill_lift_first_update_fits_history_lifts(tmp_path: Path) -> None:
     t_own, t_donor = score_candidates(teacher, hists, sets.items), score_candidates(teacher, donors, sets.items)
     want = term(lm(hists) - lm(donors), t_own - t_donor)
     plain = term(lm(hists), t_own)
-    finetune(tiny_backbone(), ds, split, None, "SASRec", cfg, tmp_path / "lift", scoring=sc,
-             teacher=teacher)  # type: ignore[arg-type]
-    got = read_json(tmp_path / "lift" / "history.json")["history"][0]["loss"]
-    assert got == pytest.approx(want, rel=1e-4)
     assert abs(want - plain) > 1e-3
+    adapters = {}
+    for lift in ("joint", "baseline"):
+        finetune(tiny_backbone(), ds, split, None, "SASRec", dataclasses.replace(cfg, distill_lift=lift),
+                 tmp_path / lift, scoring=sc, teacher=teacher)  # type: ignore[arg-type]
+        got = read_json(tmp_path / lift / "history.json")["history"][0]["loss"]
+        assert got == pytest.approx(want, rel=1e-4), lift
+        adapters[lift] = load_file(str(tmp_path / lift / "checkpoint" / "adapter.safetensors"))
+    assert any(not torch.allclose(adapters["joint"][n], adapters["baseline"][n]) for n in adapters["joint"])

@@ -65,6 +65,7 @@ TRAIN_CANDIDATES_FILE = "train_candidates.parquet"  # every candidate set stage 
 OBJECTIVES: tuple[str, ...] = ("candidates", "sequence")
 ADAPTERS: tuple[str, ...] = ("adalora", "lora", "none")
 DISTILL_TARGETS: tuple[str, ...] = ("teacher", "truth")
+LIFTS: tuple[str, ...] = ("off", "joint", "baseline")
 METRICS: tuple[str, ...] = ("HR@1", "HR@5", "NDCG@5")
 ADAPTER_NAME = "default"  # peft's adapter name; AdaLoRA trains exactly one
 
@@ -153,12 +154,14 @@ class FinetuneConfig:
     negative_exponent: float = 0.0
     # The candidate-level teacher term (distill_candidates) fits history *lifts*: each candidate's score minus its
     # score after a stranger's history (a seeded training prefix of another user with none of the set's candidates
-    # among the items either model reads of it) — the LM's (that baseline in eval mode, without gradient) and, with
-    # distill_target=teacher, the teacher's (truth: the LM's side only). A title prior cancels out of both, so the
-    # term pays only for what the user's own sequence adds: the teacher's item-to-item knowledge, which plain
-    # next-item training does not reach (stage 2's gain is history-free: learning_log rows 75–80). Costs one more
-    # forward pass of the term's sets per micro-batch (and one of the teacher), without backward.
-    distill_lift: bool = False
+    # among the items either model reads of it) — the LM's and, with distill_target=teacher, the teacher's (truth:
+    # the LM's side only). A title prior cancels out of both, so the term pays only for what the user's own sequence
+    # adds: the teacher's item-to-item knowledge, which plain next-item training does not reach (stage 2's gain is
+    # history-free: learning_log rows 75–80). off | joint: the gradient of the lift through both of the LM's passes
+    # (one batched forward: twice the term's cost) | baseline: the stranger's pass without gradient (eval mode) —
+    # cheaper, but a history-free step moves both passes alike, so the term cannot lower its loss that way: it rose
+    # from 3.9 to 4.8 over 400 updates, above uniform (ln 20 ≈ 3.0), and ranked below the term without lifts (row 81).
+    distill_lift: str = "off"
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
     profile: str = "paper"  # the preset these values started from (recorded only)
@@ -206,9 +209,9 @@ class FinetuneConfig:
         if self.distill_candidates and (self.objective != "sequence" or not self.distill_weight):
             raise bad("distill_candidates", "needs objective=sequence and distill_weight > 0 (with objective="
                                             "candidates the teacher's term is over each example's candidates already)")
-        if not isinstance(self.distill_lift, bool):
-            raise bad("distill_lift", "must be true or false")
-        if self.distill_lift and not self.distill_candidates:
+        if self.distill_lift not in LIFTS:
+            raise bad("distill_lift", f"must be one of {', '.join(LIFTS)}")
+        if self.distill_lift != "off" and not self.distill_candidates:
             raise bad("distill_lift", "needs objective=sequence with distill_candidates > 0 (the candidates "
                                       "objective's teacher term takes no lifts)")
         if self.negative_exponent and not (self.objective == "candidates" or self.distill_candidates):
@@ -869,18 +872,24 @@ def finetune(backbone: Backbone, dataset: SeqDataset, split: Split, soft_prompt:
             return lsr_inputs(dataset, histories, items, domain, teacher_name, cfg.history_len,
                               soft_prompt=soft_prompt is not None, year=scoring.year, verbalizer=scoring.verbalizer)
 
-        scores = wrapped(*inputs(hists))
         donors = None
-        if cfg.distill_lift:  # seeded by (seed, epoch, batch) like the sets: a resumed run draws the same donors
+        if cfg.distill_lift != "off":  # seeded by (seed, epoch, batch) like the sets: a resume draws the same donors
             try:
                 donors = donor_histories(exs, sets.items, lift_screen, pool=prefixes, seed=int(
                     np.random.default_rng([cfg.seed, epoch, batch, 1]).integers(2**31)))[mine]
             except ConfigError as err:
                 raise ConfigError(f"no donor history for a training set: {err}", field="finetune.distill_lift") \
                     from None
-            model.eval()  # the baseline: deterministic (no adapter dropout), no graph, outside DDP's reducer
+        if cfg.distill_lift == "joint":  # one forward of both (DDP sees one pass), split: own − stranger's
+            (p_own, t_own), (p_donor, t_donor) = inputs(hists), inputs(donors or [])
+            both = wrapped(p_own + p_donor, t_own + t_donor)
+            scores = both[:len(hists)] - both[len(hists):]
+        else:
+            scores = wrapped(*inputs(hists))
+        if cfg.distill_lift == "baseline":
+            model.eval()  # deterministic (no adapter dropout), no graph, outside DDP's reducer
             with torch.no_grad():
-                base = accelerator.unwrap_model(wrapped)(*inputs(donors))
+                base = accelerator.unwrap_model(wrapped)(*inputs(donors or []))
             model.train()
             scores = scores - base
         return candidate_distill_loss(scores, term_targets(teacher, hists, items, sets.targets[mine], cfg, donors),
@@ -1115,7 +1124,7 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any], model: nn.Modu
         old["config"].setdefault("lora_layers", 0)  # … and before lora_layers
         old["config"].setdefault("popularity_exponent", 0.0)  # … and before the popularity exponents
         old["config"].setdefault("negative_exponent", 0.0)
-        old["config"].setdefault("distill_lift", False)  # … and before distill_lift
+        old["config"].setdefault("distill_lift", "off")  # … and before distill_lift
     if isinstance(old.get("scoring"), dict):  # … and from before scoring.prior_weight, which was 0 then
         old["scoring"].setdefault("prior_weight", 0.0)
     def flat(d: dict[str, Any]) -> dict[str, Any]:
