@@ -158,9 +158,10 @@ class FinetuneConfig:
     # the LM's side only). A title prior cancels out of both, so the term pays only for what the user's own sequence
     # adds: the teacher's item-to-item knowledge, which plain next-item training does not reach (stage 2's gain is
     # history-free: learning_log rows 75–80). off | joint: the gradient of the lift through both of the LM's passes
-    # (one batched forward: twice the term's cost) | baseline: the stranger's pass without gradient (eval mode) —
-    # cheaper, but a history-free step moves both passes alike, so the term cannot lower its loss that way: it rose
-    # from 3.9 to 4.8 over 400 updates, above uniform (ln 20 ≈ 3.0), and ranked below the term without lifts (row 81).
+    # (one batched forward; ~1.7× the term's cost) — level overall with the term without lifts, the two coldest
+    # fifths of targets raised, the sequence read most of any model (rows 82–83) | baseline: the stranger's pass
+    # without gradient (eval mode) — a history-free step then moves both passes alike, so the term cannot lower its
+    # loss that way: it rose from 3.9 to 4.8 over 400 updates and ranked below the term without lifts (row 81).
     distill_lift: str = "off"
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
