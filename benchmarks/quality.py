@@ -57,6 +57,10 @@ LEGACY_PROFILES = {"cpu-2026-12-04-s1-48": "the cpu profile of 2026-12-04 (sessi
                                           "examples, stage 1 with 20-way RPS over 16 steps"}
 
 _WORDS8 = ["data.preprocess.title_max_words=8"]
+# the teacher's ranking of 2 training prefixes per update, z-scored, λ 0.5, T 0.5 (learning_log WK1, chosen on the
+# validation ends)
+_KD2 = ["finetune.distill_candidates=2", "finetune.distill_weight=0.5", "finetune.distill_temperature=0.5",
+        "finetune.distill_standardize=true"]
 # setting name → (--set overrides on top of the part's base run, model name of its DELRec row)
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style"),
@@ -87,18 +91,19 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # the group of the cpu profile as it is now (last 3 windows, λ chosen on validation users)
     "w3-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, last 3 windows, prior weight auto"),
     # + the teacher's ranking of 2 training prefixes per update (learning_log WK1, chosen on the validation ends)
-    "w3-kd2": (["finetune.distill_candidates=2", "finetune.distill_weight=0.5", "finetune.distill_temperature=0.5",
-                "finetune.distill_standardize=true"], "DELRec, last 3 windows + teacher ranking, prior weight auto"),
+    "w3-kd2": (_KD2, "DELRec, last 3 windows + teacher ranking, prior weight auto"),
     # its control: the same term fitted to the one-hot true next item (finetune.distill_target=truth): the teacher's
     # knowledge or the term's ranking form?
-    "w3-truth2": (["finetune.distill_candidates=2", "finetune.distill_weight=0.5", "finetune.distill_temperature=0.5",
-                   "finetune.distill_standardize=true", "finetune.distill_target=truth"],
+    "w3-truth2": ([*_KD2, "finetune.distill_target=truth"],
                   "DELRec, last 3 windows + true-item ranking, prior weight auto"),
     # what stage 1 buys the cpu profile as it is now: its soft prompt left at initialisation, or trained on one task
     "w3-untrained": (["distill.max_steps=0"], "DELRec, last 3 windows, untrained soft prompt, prior weight auto"),
     "w3-no-ta": (["distill.tasks=[rps]"], "DELRec w/o TA, last 3 windows, prior weight auto"),
     "w3-no-rps": (["distill.tasks=[ta]"], "DELRec w/o RPS, last 3 windows, prior weight auto"),
     "l15-tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style, last 3 windows, last 15 blocks, prior weight auto"),
+    # the history-lift group without a soft prompt: does stage 1 still add anything once stage 2 fits the lifts?
+    "liftj-tallrec": (["soft_prompt.num_tokens=0"],
+                      "TALLRec-style, last 3 windows, last 15 blocks + teacher history lifts, prior weight auto"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
 VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
@@ -124,6 +129,9 @@ _LOO_CPU = ["profile=cpu", "split.kind=loo", "candidates.max_test=null", _UNCALI
 _LOO_CPU_W3 = ["profile=cpu", "split.kind=loo", "candidates.max_test=null", _EVERY_BLOCK]
 # the cpu profile as it is now: the same with LoRA on the last 15 blocks only (learning_log W3-L15)
 _LOO_CPU_L15 = ["profile=cpu", "split.kind=loo", "candidates.max_test=null"]
+# … plus the teacher's candidate-level term on history lifts, gradient through both passes (learning_log WK1-L15-liftj,
+# chosen on the validation ends: 0.351 / 0.727 / 0.548 vs W3-L15's 0.340 / 0.709 / 0.532; ~2.3x W3-L15's stage 2)
+_LOO_CPU_LIFTJ = [*_LOO_CPU_L15, *_KD2, "finetune.distill_lift=joint"]
 _BEAUTY_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000", *_beauty(), _UNCALIBRATED]
 # Beauty titles are ~2x ML-100K's in tokens (~20 vs ~10), so each stage-2 update costs ~2x: the cpu-long base
 # (1,600 updates) alone would not fit a 2-hour part; the cpu profile's base and its TALLRec-style row each do.
@@ -146,6 +154,8 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-loo-cpu-w3-ablations": ("ml-100k-loo-cpu-w3", "ml-100k", _LOO_CPU_W3, ["w3-no-ta", "w3-no-rps"]),
     "ml-100k-loo-cpu-l15": ("ml-100k-loo-cpu-l15", "ml-100k", _LOO_CPU_L15, []),
     "ml-100k-loo-cpu-l15-tallrec": ("ml-100k-loo-cpu-l15", "ml-100k", _LOO_CPU_L15, ["l15-tallrec"]),
+    "ml-100k-loo-cpu-liftj": ("ml-100k-loo-cpu-liftj", "ml-100k", _LOO_CPU_LIFTJ, []),
+    "ml-100k-loo-cpu-liftj-tallrec": ("ml-100k-loo-cpu-liftj", "ml-100k", _LOO_CPU_LIFTJ, ["liftj-tallrec"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", _LOO, []),
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", _LOO, ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", _LOO, ["zero_shot"]),
@@ -175,11 +185,14 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
 # a group whose base run is itself a variant of its profile names its DELRec row after that variant
 BASE_NAMES: dict[str, str] = {"ml-100k-loo-cpu-w3": "DELRec, last 3 windows, prior weight auto",
                               "ml-100k-loo-cpu-l15": "DELRec, last 3 windows, last 15 blocks, prior weight auto",
+                              "ml-100k-loo-cpu-liftj": "DELRec, last 3 windows, last 15 blocks + teacher history "
+                                                       "lifts, prior weight auto",
                               "beauty-loo-cpu-w8-prior": "DELRec, titles ≤ 8 words, prior weight 0.75",
                               "beauty-loo-cpu-w8-auto": "DELRec, titles ≤ 8 words, prior weight auto"}
 
 # a group's base against another group's base on the same candidate file, where the two differ in one setting
-BASE_AGAINST: dict[str, list[str]] = {"beauty-loo-cpu-w8-auto": ["beauty-loo-cpu-w8-prior"]}
+BASE_AGAINST: dict[str, list[str]] = {"beauty-loo-cpu-w8-auto": ["beauty-loo-cpu-w8-prior"],
+                                       "ml-100k-loo-cpu-liftj": ["ml-100k-loo-cpu-l15"]}
 # a variant against another variant of its group (when that one has run): e.g. the untrained soft prompt against no
 # soft prompt at all, which tells the extra tokens' cost from the distilled content's worth
 VARIANT_AGAINST: dict[str, list[str]] = {"w3-untrained": ["w3-tallrec"], "w3-no-ta": ["w3-untrained"],
