@@ -36,11 +36,11 @@ import numpy as np
 from delrec.data import CandidateSet, SeqDataset, Split, draw_candidates
 from delrec.evaluate import histories_for, item_counts, popularity_scores
 from delrec.io import read_json, write_json, write_text
-from delrec.metrics import hit_rate, ndcg, ranks_from_scores, summarize
+from delrec.metrics import ranks_from_scores, summarize
 from delrec.pipeline import TEACHER_NAMES, adapter_dir, chosen_prior_weight, load_config, soft_prompt_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import paired_ranks  # benchmarks/quality.py, a sibling script
+from quality import by_popularity, paired_ranks, popularity_table  # benchmarks/quality.py, a sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -89,20 +89,6 @@ def _metrics(ranks: np.ndarray) -> dict[str, Any]:
     m = summarize(ranks)
     return {**{k: round(m[k]["value"], 4) for k in ("HR@1", "HR@5", "NDCG@5")},
             "ci": {k: [round(m[k]["lo"], 4), round(m[k]["hi"], 4)] for k in ("HR@1", "NDCG@5")}}
-
-
-def by_popularity(ranks: dict[str, np.ndarray], counts: np.ndarray, groups: int = 5) -> list[dict[str, Any]]:
-    """Each model's HR@1 and NDCG@5 within ``groups`` equal-size groups of test rows, ordered by their target's
-    training count (coldest first): where, if anywhere, does the LLM's knowledge of titles beat the teacher's ids?"""
-    order = np.argsort(counts, kind="stable")
-    out = []
-    for g, rows in enumerate(np.array_split(order, groups)):
-        c = counts[rows]
-        out.append({"group": g + 1, "n": len(rows), "count_range": [int(c.min()), int(c.max())],
-                    **{m: {"HR@1": round(float(hit_rate(r[rows], 1).mean()), 4),
-                           "NDCG@5": round(float(ndcg(r[rows], 5).mean()), 4)}
-                       for m, r in ranks.items()}})
-    return out
 
 
 def _llm_scores(run_dir: Path, cands: CandidateSet, hist: list[np.ndarray], cache: Path) -> np.ndarray:
@@ -172,14 +158,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         for name, grid in r["grids"].items():
             out.append(f"| {name} | " + " | ".join(f"{grid[f'{w:g}']:.3f}" for w in GRID) + " |")
         if r.get("by_popularity"):
-            models = [k for k in r["by_popularity"][0] if k not in ("group", "n", "count_range")]
             out += ["", "HR@1 / NDCG@5 by the test target's training count (equal-size groups of test rows, coldest "
-                    "first):", "", "| group | n | target count | " + " | ".join(models) + " |",
-                    "|---|---|---|" + "---|" * len(models)]
-            for b in r["by_popularity"]:
-                lo, hi = b["count_range"]
-                out.append(f"| {b['group']} | {b['n']} | {lo}–{hi} | "
-                           + " | ".join(f"{b[m]['HR@1']:.3f} / {b[m]['NDCG@5']:.3f}" for m in models) + " |")
+                    "first):", "", *popularity_table(r["by_popularity"])]
         out.append("")
     return "\n".join(out)
 

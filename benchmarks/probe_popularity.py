@@ -27,8 +27,8 @@ from delrec.io import write_json, write_text
 from delrec.metrics import ranks_from_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fusion import by_popularity  # benchmarks/fusion.py, a sibling script
 from learning_probe import end_examples, popularity_scores  # benchmarks/learning_probe.py
+from quality import by_popularity  # benchmarks/quality.py, a sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

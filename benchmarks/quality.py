@@ -40,8 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from delrec.evaluate import chance_metrics
+from delrec.data import CandidateSet, SeqDataset, Split
+from delrec.evaluate import chance_metrics, item_counts
 from delrec.io import read_json, write_json, write_text
+from delrec.metrics import hit_rate, ndcg
+from delrec.pipeline import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -199,6 +202,39 @@ VARIANT_AGAINST: dict[str, list[str]] = {"w3-untrained": ["w3-tallrec"], "w3-no-
                                          "w3-no-rps": ["w3-untrained"], "w3-truth2": ["w3-kd2"]}
 
 
+def by_popularity(ranks: dict[str, np.ndarray], counts: np.ndarray, groups: int = 5) -> list[dict[str, Any]]:
+    """Each model's HR@1 and NDCG@5 within ``groups`` equal-size groups of test rows, ordered by their target's
+    training count (coldest first): where, if anywhere, does the LLM's knowledge of titles beat the teacher's ids?"""
+    order = np.argsort(counts, kind="stable")
+    out = []
+    for g, rows in enumerate(np.array_split(order, groups)):
+        c = counts[rows]
+        out.append({"group": g + 1, "n": len(rows), "count_range": [int(c.min()), int(c.max())],
+                    **{m: {"HR@1": round(float(hit_rate(r[rows], 1).mean()), 4),
+                           "NDCG@5": round(float(ndcg(r[rows], 5).mean()), 4)}
+                       for m, r in ranks.items()}})
+    return out
+
+
+def popularity_table(groups: list[dict[str, Any]]) -> list[str]:
+    """`by_popularity`'s groups as markdown rows: each model's HR@1 / NDCG@5 per group."""
+    models = [k for k in groups[0] if k not in ("group", "n", "count_range")]
+    out = ["| group | n | target count | " + " | ".join(models) + " |", "|---|---|---|" + "---|" * len(models)]
+    for b in groups:
+        lo, hi = b["count_range"]
+        out.append(f"| {b['group']} | {b['n']} | {lo}–{hi} | "
+                   + " | ".join(f"{b[m]['HR@1']:.3f} / {b[m]['NDCG@5']:.3f}" for m in models) + " |")
+    return out
+
+
+def test_popularity(run: Path) -> np.ndarray:
+    """Each test row's target's training count (the run's frozen test candidates, in their row order)."""
+    dataset = SeqDataset.load(run / "data")
+    split = Split.from_dict(read_json(run / "split.json"), dataset)
+    test = CandidateSet.load(run / "candidates" / "test.parquet", seed=load_config(run / "config.yaml").candidates.seed)
+    return item_counts(split.train_sequences, dataset.n_items)[test.targets]
+
+
 def delrec_run(out: Path, overrides: list[str], reuse: Path | None, log: Path) -> float:
     """One resumable `delrec run` in a subprocess; returns the wall seconds of this invocation."""
     cmd = [sys.executable, "-m", "delrec", "run", "--out", str(out)]
@@ -350,6 +386,13 @@ def table(result: dict[str, Any]) -> list[str]:
                        f"{e['paired']['a']} ({e['against']}) | "
                        f"{_deltas(d)} | "
                        f"{e['paired']['sign_test_HR@1_p']:.3g} |")
+    fifths = {p: v["by_popularity"] for p, v in result["parts"].items() if v.get("by_popularity")}
+    if fifths:
+        out += ["", "## HR@1 / NDCG@5 by the test target's training count", "",
+                "Each part's test rows in five equal-size groups by their target's training interactions, coldest "
+                "first (the runs of that part only)."]
+        for p, groups in fifths.items():
+            out += ["", f"`{p}`:", "", *popularity_table(groups)]
     legacy = sorted({r["profile"] for r in result["rows"]} & set(LEGACY_PROFILES))
     if legacy:
         out += ["", "Earlier settings of a profile, kept for comparison (not rerun): " + "; ".join(
@@ -455,6 +498,9 @@ def main() -> None:
         if comparable(other_run):
             tests.append({"dataset": dataset, "split": m["split"], "profile": m["profile"],
                           **paired(base, "DELRec", base_name, other_run, "DELRec", BASE_NAMES.get(other, "DELRec"))})
+    # where each model's hits are: targets split into fifths by training count (the teachers' edge is the cold ones)
+    fifths = by_popularity({"popularity": _ranks(base, "popularity"), best: _ranks(base, best),
+                            **{name: _ranks(run, "DELRec") for name, run in runs.items()}}, test_popularity(base))
     curves = {f"{group} {name}": curve(run, name) for name, run in runs.items()}  # one curve per run, not per part
 
     # curve keys named by a part of this group (older files) give way to the group's keys
@@ -471,7 +517,8 @@ def main() -> None:
                   (dataset, m["split"], m["profile"]) or (t["a"], t["b"]) not in pairs_now] + tests,
         "parts": {**old.get("parts", {}), args.part: {"wall_s_this_invocation": {k: round(v, 1) for k, v in
                                                                                  wall.items()},
-                                                      "best_teacher": best, "base": os.path.relpath(base, ROOT)}},
+                                                      "best_teacher": best, "base": os.path.relpath(base, ROOT),
+                                                      "by_popularity": fifths}},
         "curves": {**{k: v for k, v in old.get("curves", {}).items() if k.split(" ")[0] not in legacy}, **curves},
         "chance": chance_metrics(int(m["candidate_size"])),
     }
