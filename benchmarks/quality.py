@@ -227,7 +227,7 @@ def popularity_table(groups: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def test_popularity(run: Path) -> np.ndarray:
+def target_counts(run: Path) -> np.ndarray:
     """Each test row's target's training count (the run's frozen test candidates, in their row order)."""
     dataset = SeqDataset.load(run / "data")
     split = Split.from_dict(read_json(run / "split.json"), dataset)
@@ -500,7 +500,7 @@ def main() -> None:
                           **paired(base, "DELRec", base_name, other_run, "DELRec", BASE_NAMES.get(other, "DELRec"))})
     # where each model's hits are: targets split into fifths by training count (the teachers' edge is the cold ones)
     fifths = by_popularity({"popularity": _ranks(base, "popularity"), best: _ranks(base, best),
-                            **{name: _ranks(run, "DELRec") for name, run in runs.items()}}, test_popularity(base))
+                            **{name: _ranks(run, "DELRec") for name, run in runs.items()}}, target_counts(base))
     curves = {f"{group} {name}": curve(run, name) for name, run in runs.items()}  # one curve per run, not per part
 
     # curve keys named by a part of this group (older files) give way to the group's keys
