@@ -160,9 +160,11 @@ class FinetuneConfig:
     # history-free: learning_log rows 75–80). off | joint: the gradient of the lift through both of the LM's passes
     # (one batched forward; ~1.7× the term's cost) — level overall with the term without lifts, the two coldest
     # fifths of targets raised, the sequence read most of any model (rows 82–83); on the 943 ML-100K loo test users
-    # 0.296 / 0.685 / 0.501 vs the cpu profile's 0.256 / 0.690 / 0.478 (quality.md) | baseline: the stranger's pass
-    # without gradient (eval mode) — a history-free step then moves both passes alike, so the term cannot lower its
-    # loss that way: it rose from 3.9 to 4.8 over 400 updates and ranked below the term without lifts (row 81).
+    # 0.296 / 0.685 / 0.501 vs the cpu profile's 0.256 / 0.690 / 0.478 (quality.md); at distill_weight 0.8 it ranks
+    # below 0.5 (the coldest fifth up, the rest down) and with negative_exponent 1 it loses the cold gains (rows
+    # 84–85) | baseline: the stranger's pass without gradient (eval mode) — a history-free step then moves both
+    # passes alike, so the term cannot lower its loss that way: it rose from 3.9 to 4.8 over 400 updates and ranked
+    # below the term without lifts (row 81).
     distill_lift: str = "off"
     eval_batch_size: int = 0  # examples per validation scoring batch; 0 = batch_size
     seed: int = 1234  # adapter init, data order, negatives, subsampling (paper 1234)
