@@ -141,6 +141,11 @@ _BEAUTY_LOO = ["profile=cpu-long", "split.kind=loo", "candidates.max_test=1000",
 _BEAUTY_LOO_CPU = ["profile=cpu", *_BEAUTY_LOO[1:], *_PRE_W3]
 _BEAUTY_LOO_CPU_W8_PRIOR = [*_BEAUTY_LOO_CPU, *_WORDS8, "scoring.prior_weight=0.75"]
 _BEAUTY_LOO_CPU_W8_AUTO = [*_BEAUTY_LOO_CPU, *_WORDS8, "scoring.prior_weight=auto"]
+# the cpu profile as it is now (last 3 windows, LoRA on the last 15 blocks, λ chosen on validation users) with titles
+# cut to 8 words and the history-lift term of the ML-100K group ml-100k-loo-cpu-liftj: its settings were chosen on
+# ML-100K validation users only, carried over unchanged; the same 1,000 users and candidates as beauty-loo-cpu
+_BEAUTY_LOO_CPU_LIFTJ = ["profile=cpu", "split.kind=loo", "candidates.max_test=1000", *_beauty(), *_WORDS8, *_KD2,
+                         "finetune.distill_lift=joint"]
 PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-user": ("ml-100k-user", "ml-100k", _ML_USER, []),
     "ml-100k-user-tallrec": ("ml-100k-user", "ml-100k", _ML_USER, ["tallrec", "zero_shot"]),
@@ -184,6 +189,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
                                        ["w8-auto-tallrec"]),
     "beauty-loo-cpu-w8-auto-zero-shot": ("beauty-loo-cpu-w8-auto", "amazon-beauty", _BEAUTY_LOO_CPU_W8_AUTO,
                                          ["w8-auto-zero-shot"]),
+    "beauty-loo-cpu-liftj": ("beauty-loo-cpu-liftj", "amazon-beauty", _BEAUTY_LOO_CPU_LIFTJ, []),
 }
 # a group whose base run is itself a variant of its profile names its DELRec row after that variant
 BASE_NAMES: dict[str, str] = {"ml-100k-loo-cpu-w3": "DELRec, last 3 windows, prior weight auto",
@@ -191,7 +197,9 @@ BASE_NAMES: dict[str, str] = {"ml-100k-loo-cpu-w3": "DELRec, last 3 windows, pri
                               "ml-100k-loo-cpu-liftj": "DELRec, last 3 windows, last 15 blocks + teacher history "
                                                        "lifts, prior weight auto",
                               "beauty-loo-cpu-w8-prior": "DELRec, titles ≤ 8 words, prior weight 0.75",
-                              "beauty-loo-cpu-w8-auto": "DELRec, titles ≤ 8 words, prior weight auto"}
+                              "beauty-loo-cpu-w8-auto": "DELRec, titles ≤ 8 words, prior weight auto",
+                              "beauty-loo-cpu-liftj": "DELRec, titles ≤ 8 words, last 3 windows, last 15 blocks + "
+                                                      "teacher history lifts, prior weight auto"}
 
 # a group's base against another group's base on the same candidate file, where the two differ in one setting
 BASE_AGAINST: dict[str, list[str]] = {"beauty-loo-cpu-w8-auto": ["beauty-loo-cpu-w8-prior"],
