@@ -190,6 +190,8 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "beauty-loo-cpu-w8-auto-zero-shot": ("beauty-loo-cpu-w8-auto", "amazon-beauty", _BEAUTY_LOO_CPU_W8_AUTO,
                                          ["w8-auto-zero-shot"]),
     "beauty-loo-cpu-liftj": ("beauty-loo-cpu-liftj", "amazon-beauty", _BEAUTY_LOO_CPU_LIFTJ, []),
+    "beauty-loo-cpu-liftj-tallrec": ("beauty-loo-cpu-liftj", "amazon-beauty", _BEAUTY_LOO_CPU_LIFTJ,
+                                     ["liftj-tallrec"]),
 }
 # a group whose base run is itself a variant of its profile names its DELRec row after that variant
 BASE_NAMES: dict[str, str] = {"ml-100k-loo-cpu-w3": "DELRec, last 3 windows, prior weight auto",
