@@ -107,6 +107,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # the history-lift group without a soft prompt: does stage 1 still add anything once stage 2 fits the lifts?
     "liftj-tallrec": (["soft_prompt.num_tokens=0"],
                       "TALLRec-style, last 3 windows, last 15 blocks + teacher history lifts, prior weight auto"),
+    # its control: the same 20 soft tokens left at their initialisation — is the edge over TALLRec-style the
+    # distilled content or only the extra prompt positions?
+    "liftj-untrained": (["distill.max_steps=0"], "DELRec, untrained soft prompt, last 3 windows, last 15 blocks + "
+                                                 "teacher history lifts, prior weight auto"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
 VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
@@ -164,6 +168,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-loo-cpu-l15-tallrec": ("ml-100k-loo-cpu-l15", "ml-100k", _LOO_CPU_L15, ["l15-tallrec"]),
     "ml-100k-loo-cpu-liftj": ("ml-100k-loo-cpu-liftj", "ml-100k", _LOO_CPU_LIFTJ, []),
     "ml-100k-loo-cpu-liftj-tallrec": ("ml-100k-loo-cpu-liftj", "ml-100k", _LOO_CPU_LIFTJ, ["liftj-tallrec"]),
+    "ml-100k-loo-cpu-liftj-untrained": ("ml-100k-loo-cpu-liftj", "ml-100k", _LOO_CPU_LIFTJ, ["liftj-untrained"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", _LOO, []),
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", _LOO, ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", _LOO, ["zero_shot"]),
@@ -209,7 +214,8 @@ BASE_AGAINST: dict[str, list[str]] = {"beauty-loo-cpu-w8-auto": ["beauty-loo-cpu
 # a variant against another variant of its group (when that one has run): e.g. the untrained soft prompt against no
 # soft prompt at all, which tells the extra tokens' cost from the distilled content's worth
 VARIANT_AGAINST: dict[str, list[str]] = {"w3-untrained": ["w3-tallrec"], "w3-no-ta": ["w3-untrained"],
-                                         "w3-no-rps": ["w3-untrained"], "w3-truth2": ["w3-kd2"]}
+                                         "w3-no-rps": ["w3-untrained"], "w3-truth2": ["w3-kd2"],
+                                         "liftj-untrained": ["liftj-tallrec"]}
 
 
 def by_popularity(ranks: dict[str, np.ndarray], counts: np.ndarray, groups: int = 5) -> list[dict[str, Any]]:
