@@ -197,6 +197,8 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "beauty-loo-cpu-liftj": ("beauty-loo-cpu-liftj", "amazon-beauty", _BEAUTY_LOO_CPU_LIFTJ, []),
     "beauty-loo-cpu-liftj-tallrec": ("beauty-loo-cpu-liftj", "amazon-beauty", _BEAUTY_LOO_CPU_LIFTJ,
                                      ["liftj-tallrec"]),
+    "beauty-loo-cpu-liftj-untrained": ("beauty-loo-cpu-liftj", "amazon-beauty", _BEAUTY_LOO_CPU_LIFTJ,
+                                       ["liftj-untrained"]),
 }
 # a group whose base run is itself a variant of its profile names its DELRec row after that variant
 BASE_NAMES: dict[str, str] = {"ml-100k-loo-cpu-w3": "DELRec, last 3 windows, prior weight auto",
