@@ -865,10 +865,24 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     return d
 
 
+def deterministic_kernels() -> None:
+    """Bit-identical reruns of one config. Without this, two runs on one CPU host differed from stage 1's second update
+    on (6th significant digit: a backward kernel's reduction order), and stage 2 grew that into a different checkpoint
+    and λ (2026-12-07: nineteen first-command runs, two outcomes). ``warn_only``: an op without a deterministic kernel
+    warns rather than failing a run. Process-wide, like any torch setting of this kind."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for deterministic matmuls
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def run_pipeline(run: Run, until: str | None = None) -> str:
     """All stages in order, each skipped when already done; returns a one-paragraph summary."""
     if until is not None and until not in STAGES:
         raise ConfigError(f"unknown stage {until!r}; choose from {', '.join(STAGES)}", field="--until")
+    deterministic_kernels()
     t0 = time.perf_counter()
     cfg = run.cfg
     run.dataset  # noqa: B018  (prepares data on first use)
