@@ -867,9 +867,9 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
 
 def deterministic_kernels() -> None:
     """Bit-identical reruns of one config. Without this, two runs on one CPU host differed from stage 1's second update
-    on (6th significant digit: a backward kernel's reduction order), and stage 2 grew that into a different checkpoint
-    and λ (2026-12-07: nineteen first-command runs, two outcomes). ``warn_only``: an op without a deterministic kernel
-    warns rather than failing a run. Process-wide, like any torch setting of this kind."""
+    on (6th significant digit: a kernel of the first update without a fixed reduction order), and stage 2 grew that
+    into a different choice of λ (2026-12-07: nineteen first-command runs, two outcomes). ``warn_only``: an op
+    without a deterministic kernel warns rather than failing a run. Process-wide, like any torch setting of its kind."""
     import os
 
     import torch
