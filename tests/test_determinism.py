@@ -1,7 +1,7 @@
 """Reruns of one config are bit-identical: `run_pipeline` turns on torch's deterministic kernels (warn-only).
 
 Without them two stage-1 runs on one CPU host differed from the second update on (2026-12-07, session 41), and stage 2
-grew that into different checkpoint and λ choices on the first command's users.
+grew that into a different λ choice on the first command's users.
 """
 
 from __future__ import annotations
@@ -44,4 +44,3 @@ def test_run_pipeline_turns_them_on_before_any_stage(restore: None) -> None:
     assert not torch.are_deterministic_algorithms_enabled()
     run_pipeline(_DataOnlyRun(), until="data")  # type: ignore[arg-type]
     assert torch.are_deterministic_algorithms_enabled()
-
