@@ -111,6 +111,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # distilled content or only the extra prompt positions?
     "liftj-untrained": (["distill.max_steps=0"], "DELRec, untrained soft prompt, last 3 windows, last 15 blocks + "
                                                  "teacher history lifts, prior weight auto"),
+    # twice the group's stage-2 updates (800): its validation chose the last checkpoint at 400, so does the lift group
+    # still gain with budget (the cpu-long question for this form)? The checkpoint is again chosen on validation users
+    "liftj-800": (["finetune.max_steps=800"], "DELRec, last 3 windows, last 15 blocks + teacher history lifts, "
+                                              "800 updates, prior weight auto"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
 VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
@@ -169,6 +173,7 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "ml-100k-loo-cpu-liftj": ("ml-100k-loo-cpu-liftj", "ml-100k", _LOO_CPU_LIFTJ, []),
     "ml-100k-loo-cpu-liftj-tallrec": ("ml-100k-loo-cpu-liftj", "ml-100k", _LOO_CPU_LIFTJ, ["liftj-tallrec"]),
     "ml-100k-loo-cpu-liftj-untrained": ("ml-100k-loo-cpu-liftj", "ml-100k", _LOO_CPU_LIFTJ, ["liftj-untrained"]),
+    "ml-100k-loo-cpu-liftj-800": ("ml-100k-loo-cpu-liftj", "ml-100k", _LOO_CPU_LIFTJ, ["liftj-800"]),
     "ml-100k-loo": ("ml-100k-loo", "ml-100k", _LOO, []),
     "ml-100k-loo-tallrec": ("ml-100k-loo", "ml-100k", _LOO, ["tallrec"]),
     "ml-100k-loo-zero-shot": ("ml-100k-loo", "ml-100k", _LOO, ["zero_shot"]),
