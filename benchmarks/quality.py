@@ -115,6 +115,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     # still gain with budget (the cpu-long question for this form)? The checkpoint is again chosen on validation users
     "liftj-800": (["finetune.max_steps=800"], "DELRec, last 3 windows, last 15 blocks + teacher history lifts, "
                                               "800 updates, prior weight auto"),
+    # the group without its history-lift term: the cpu profile as it is now (stage 1 reused, the term's settings
+    # back to the profile's), on the group's users and candidates — what the lifts buy on that catalogue, paired
+    "liftj-nolift": (["finetune.distill_candidates=0", "finetune.distill_weight=0", "finetune.distill_temperature=1",
+                      "finetune.distill_standardize=false", "finetune.distill_lift=off"],
+                     "DELRec, last 3 windows, last 15 blocks, prior weight auto"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
 VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
@@ -204,6 +209,10 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
                                      ["liftj-tallrec"]),
     "beauty-loo-cpu-liftj-untrained": ("beauty-loo-cpu-liftj", "amazon-beauty", _BEAUTY_LOO_CPU_LIFTJ,
                                        ["liftj-untrained"]),
+    # Beauty had no row of the cpu profile as it is now (every earlier Beauty row predates the last-3 windows and
+    # the last 15 blocks): the lift group's stage 2 without the lift term
+    "beauty-loo-cpu-liftj-nolift": ("beauty-loo-cpu-liftj", "amazon-beauty", _BEAUTY_LOO_CPU_LIFTJ,
+                                    ["liftj-nolift"]),
 }
 # a group whose base run is itself a variant of its profile names its DELRec row after that variant
 BASE_NAMES: dict[str, str] = {"ml-100k-loo-cpu-w3": "DELRec, last 3 windows, prior weight auto",

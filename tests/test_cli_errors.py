@@ -71,7 +71,9 @@ def test_run_rejects_bad_config_in_one_line(case: dict[str, Any], tmp_path: Path
 
 
 @pytest.mark.parametrize("override,field", [("finetune.max_steps=many", "finetune.max_steps"),
-                                            ("distill.lr", "--set"), ("seed.value=1", "seed")])
+                                            ("distill.lr", "--set"), ("seed.value=1", "seed"),
+                                            # YAML 1.2 booleans: "yes" is text, which a boolean field refuses
+                                            ("finetune.sliding_window=yes", "finetune.sliding_window")])
 def test_bad_override_is_one_line(override: str, field: str, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     line = _fails_cleanly(["run", "--set", override, "--out", str(tmp_path / "run"), "--until", "data"], capsys)

@@ -344,3 +344,16 @@ def test_older_run_folders_length_norm_becomes_scoring_reduce(tmp_path: Path) ->
     old.write_text(yaml.safe_dump({"finetune": {"length_norm": False}, "scoring": {"reduce": "mean"}}),
                    encoding="utf-8")
     assert load_config(old).scoring.reduce == "mean"  # an explicit new setting is kept
+
+
+def test_option_words_off_and_on_stay_text(tmp_path: Path) -> None:
+    """YAML 1.1 reads off/on/yes/no as booleans; `finetune.distill_lift=off` (a documented value) must arrive as
+    text from --set and from a config file alike, while true/false stay booleans."""
+    from delrec.pipeline import load_config
+
+    cfg = load_config(None, ["finetune.distill_lift=off", "finetune.sliding_window=true"])
+    assert cfg.finetune.distill_lift == "off" and cfg.finetune.sliding_window is True
+    path = tmp_path / "config.yaml"
+    path.write_text("finetune:\n  distill_lift: off\n  sliding_window: false\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.finetune.distill_lift == "off" and cfg.finetune.sliding_window is False

@@ -49,6 +49,13 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)  # type: ignore[no-any-return]
 
 
+# YAML 1.1 (PyYAML) also reads yes/no/on/off as booleans, so `--set finetune.distill_lift=off` (a value the option
+# documents) arrived as False and was refused as "must be text". YAML 1.2 (core schema) keeps only true/false.
+_BOOL = "tag:yaml.org,2002:bool"
+_BoundedLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_BoundedLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 # YAML 1.1 (PyYAML) reads "1e-4" as a string, so `--set finetune.lr=1e-4` would be refused; YAML 1.2 reads it as
 # the float everyone means. Added after the 1.1 float resolver, so ints and "1.0e-4" resolve as before.
 _BoundedLoader.add_implicit_resolver(
