@@ -120,6 +120,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "liftj-nolift": (["finetune.distill_candidates=0", "finetune.distill_weight=0", "finetune.distill_temperature=1",
                       "finetune.distill_standardize=false", "finetune.distill_lift=off"],
                      "DELRec, last 3 windows, last 15 blocks, prior weight auto"),
+    # … and without a soft prompt: what stage 1 buys the cpu profile as it is now on that catalogue
+    "liftj-nolift-tallrec": (["finetune.distill_candidates=0", "finetune.distill_weight=0",
+                              "finetune.distill_temperature=1", "finetune.distill_standardize=false",
+                              "finetune.distill_lift=off", "soft_prompt.num_tokens=0"],
+                             "TALLRec-style, last 3 windows, last 15 blocks, prior weight auto"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
 VARIANT_REUSE: dict[str, str] = {"words8-800": "words8", "words8-zero-shot": "words8"}
@@ -213,6 +218,8 @@ PARTS: dict[str, tuple[str, str, list[str], list[str]]] = {
     # the last 15 blocks): the lift group's stage 2 without the lift term
     "beauty-loo-cpu-liftj-nolift": ("beauty-loo-cpu-liftj", "amazon-beauty", _BEAUTY_LOO_CPU_LIFTJ,
                                     ["liftj-nolift"]),
+    "beauty-loo-cpu-liftj-nolift-tallrec": ("beauty-loo-cpu-liftj", "amazon-beauty", _BEAUTY_LOO_CPU_LIFTJ,
+                                            ["liftj-nolift-tallrec"]),
 }
 # a group whose base run is itself a variant of its profile names its DELRec row after that variant
 BASE_NAMES: dict[str, str] = {"ml-100k-loo-cpu-w3": "DELRec, last 3 windows, prior weight auto",
@@ -231,7 +238,8 @@ BASE_AGAINST: dict[str, list[str]] = {"beauty-loo-cpu-w8-auto": ["beauty-loo-cpu
 # soft prompt at all, which tells the extra tokens' cost from the distilled content's worth
 VARIANT_AGAINST: dict[str, list[str]] = {"w3-untrained": ["w3-tallrec"], "w3-no-ta": ["w3-untrained"],
                                          "w3-no-rps": ["w3-untrained"], "w3-truth2": ["w3-kd2"],
-                                         "liftj-untrained": ["liftj-tallrec"]}
+                                         "liftj-untrained": ["liftj-tallrec"],
+                                         "liftj-nolift-tallrec": ["liftj-nolift"]}
 
 
 def by_popularity(ranks: dict[str, np.ndarray], counts: np.ndarray, groups: int = 5) -> list[dict[str, Any]]:
