@@ -64,6 +64,9 @@ _WORDS8 = ["data.preprocess.title_max_words=8"]
 # validation ends)
 _KD2 = ["finetune.distill_candidates=2", "finetune.distill_weight=0.5", "finetune.distill_temperature=0.5",
         "finetune.distill_standardize=true"]
+# _KD2 and the history lifts undone: the term's settings back to the cpu profile's
+_NO_KD = ["finetune.distill_candidates=0", "finetune.distill_weight=0", "finetune.distill_temperature=1",
+          "finetune.distill_standardize=false", "finetune.distill_lift=off"]
 # setting name → (--set overrides on top of the part's base run, model name of its DELRec row)
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "tallrec": (["soft_prompt.num_tokens=0"], "TALLRec-style"),
@@ -117,13 +120,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                                               "800 updates, prior weight auto"),
     # the group without its history-lift term: the cpu profile as it is now (stage 1 reused, the term's settings
     # back to the profile's), on the group's users and candidates — what the lifts buy on that catalogue, paired
-    "liftj-nolift": (["finetune.distill_candidates=0", "finetune.distill_weight=0", "finetune.distill_temperature=1",
-                      "finetune.distill_standardize=false", "finetune.distill_lift=off"],
-                     "DELRec, last 3 windows, last 15 blocks, prior weight auto"),
+    "liftj-nolift": (_NO_KD, "DELRec, last 3 windows, last 15 blocks, prior weight auto"),
     # … and without a soft prompt: what stage 1 buys the cpu profile as it is now on that catalogue
-    "liftj-nolift-tallrec": (["finetune.distill_candidates=0", "finetune.distill_weight=0",
-                              "finetune.distill_temperature=1", "finetune.distill_standardize=false",
-                              "finetune.distill_lift=off", "soft_prompt.num_tokens=0"],
+    "liftj-nolift-tallrec": ([*_NO_KD, "soft_prompt.num_tokens=0"],
                              "TALLRec-style, last 3 windows, last 15 blocks, prior weight auto"),
 }
 # a variant built on another variant's run (its data, teachers and stage 1), not the part's base
